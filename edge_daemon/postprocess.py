@@ -1,0 +1,61 @@
+"""Model output to predictions: dequantise, softmax where needed, top-k with a threshold.
+
+Pure functions; the dequantisation uses the output tensor's own scale and zero point (dividing
+by 255 is only right for one quantisation, and wrong for the rest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from edge_daemon.manifest import OutputSpec, Quantization
+
+Scores = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class Class:
+    """One class of a prediction: its index, label and score (0..1)."""
+
+    index: int
+    label: str
+    score: float
+
+
+def dequantize(raw: npt.NDArray[np.generic], quantization: Quantization | None) -> Scores:
+    """Real values from a (possibly quantised) output tensor."""
+    if quantization is None:
+        return raw.astype(np.float32, copy=False)
+    scale = np.float32(quantization.scale)
+    return (raw.astype(np.float32) - np.float32(quantization.zero_point)) * scale
+
+
+def softmax(logits: Scores) -> Scores:
+    """Softmax over the last axis, stable for large logits."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    out: Scores = (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)
+    return out
+
+
+def scores(raw: npt.NDArray[np.generic], spec: OutputSpec) -> Scores:
+    """Class probabilities, shape ``(batch, classes)``, from the raw output tensor."""
+    values = dequantize(raw, spec.quantization).reshape(raw.shape[0], -1)
+    if spec.kind == "logits":
+        return softmax(values)
+    return values
+
+
+def top_k(
+    row: Scores, labels: tuple[str, ...], k: int = 1, threshold: float = 0.0
+) -> tuple[Class, ...]:
+    """The ``k`` best classes of one score row at or above ``threshold``, best first.
+
+    Ties go to the lower class index, so results are the same on every runtime.
+    """
+    k = min(k, row.shape[0])
+    order = np.argsort(-row, kind="stable")[:k]
+    return tuple(Class(int(i), labels[i], float(row[i])) for i in order if row[i] >= threshold)

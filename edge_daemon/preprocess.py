@@ -1,0 +1,99 @@
+"""Frames to model input: crop, resize, colour order, normalisation and quantisation.
+
+Pure functions over numpy arrays, no state and no I/O. Frames arrive as OpenCV gives them:
+``(H, W, 3)`` BGR uint8, or ``(H, W)`` gray uint8. The converter evaluates models with these
+same functions, so what it measured is what the daemon gets.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from edge_daemon.manifest import InputSpec
+
+Frame = npt.NDArray[np.uint8]
+
+_INTEGER_RANGES = {"uint8": (0, 255), "int8": (-128, 127), "int16": (-32768, 32767)}
+
+
+def as_frame(image: object) -> Frame:
+    """An OpenCV result as a typed uint8 array (no copy when it already is one)."""
+    return np.asarray(image, dtype=np.uint8)
+
+
+def crop(frame: Frame, box: tuple[int, int, int, int]) -> Frame:
+    """The part of ``frame`` inside ``box`` = (x, y, width, height), clipped to the frame."""
+    x, y, w, h = box
+    height, width = frame.shape[:2]
+    x0, y0 = max(0, x), max(0, y)
+    x1, y1 = min(width, x + w), min(height, y + h)
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"region {box} lies outside the {width}x{height} frame")
+    return frame[y0:y1, x0:x1]
+
+
+def resize(image: Frame, width: int, height: int) -> Frame:
+    """Resize to ``width`` x ``height``: area averaging to shrink, bilinear to grow."""
+    h, w = image.shape[:2]
+    if (w, h) == (width, height):
+        return image
+    shrinking = w * h > width * height
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    return as_frame(cv2.resize(image, (width, height), interpolation=interpolation))
+
+
+def to_colour(image: Frame, colour: str) -> Frame:
+    """Convert an OpenCV image (BGR or gray) to the model's colour order, as ``(H, W, C)``."""
+    gray_in = image.ndim == 2 or image.shape[2] == 1
+    if colour == "gray":
+        out = image if gray_in else as_frame(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))
+        return out.reshape(out.shape[0], out.shape[1], 1)
+    if gray_in:
+        flat = image.reshape(image.shape[0], image.shape[1])
+        return np.repeat(flat[:, :, None], 3, axis=2)
+    if colour == "rgb":
+        return as_frame(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+    return image
+
+
+@lru_cache(maxsize=16)
+def pixel_table(spec: InputSpec) -> npt.NDArray[np.generic]:
+    """The model input value for each pixel value 0..255, in the input tensor's dtype.
+
+    Normalisation and quantisation act on each pixel alone, so one 256-entry table does both
+    exactly, and a frame is converted with a single lookup.
+    """
+    values = np.arange(256, dtype=np.float64) * spec.scale + spec.offset
+    if spec.dtype in _INTEGER_RANGES:
+        lo, hi = _INTEGER_RANGES[spec.dtype]
+        if spec.quantization is not None:
+            values = np.round(values / spec.quantization.scale + spec.quantization.zero_point)
+        else:
+            values = np.round(values)
+        table = np.clip(values, lo, hi).astype(spec.dtype)
+    else:
+        table = values.astype(spec.dtype)
+    table.setflags(write=False)
+    return table
+
+
+def preprocess_into(image: Frame, spec: InputSpec, out: npt.NDArray[np.generic]) -> None:
+    """Write ``image`` as model input into ``out`` (one ``(H, W, C)`` slot of the input tensor)."""
+    shaped = to_colour(resize(image, spec.width, spec.height), spec.colour)
+    np.take(pixel_table(spec), shaped, out=out)
+
+
+def preprocess_batch(
+    images: list[Frame] | npt.NDArray[np.uint8], spec: InputSpec
+) -> npt.NDArray[np.generic]:
+    """A whole batch of model input from a sequence of images."""
+    batch = np.empty(
+        (len(images), spec.height, spec.width, spec.channels), dtype=pixel_table(spec).dtype
+    )
+    for slot, image in zip(batch, images, strict=True):
+        preprocess_into(image, spec, slot)
+    return batch

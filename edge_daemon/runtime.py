@@ -1,0 +1,194 @@
+"""The one place that imports a TFLite interpreter, and loads hardware delegates.
+
+The light runtimes come first so that a user who installed a runtime matched to their Edge
+TPU library keeps it: ``tflite_runtime`` (the last release, 2.14, is what 32-bit ARM has),
+then ``ai_edge_litert`` (its maintained successor), then TensorFlow's own ``tf.lite`` as a
+last resort on a workstation. Imports happen when a model is loaded, never at import time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import platform
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from edge_daemon.errors import DelegateError, ModelError
+
+log = logging.getLogger(__name__)
+
+RuntimeName = Literal["auto", "tflite_runtime", "ai_edge_litert", "tensorflow"]
+
+#: Module that provides ``Interpreter`` and ``load_delegate``, for each runtime.
+_MODULES: dict[str, str] = {
+    "tflite_runtime": "tflite_runtime.interpreter",
+    "ai_edge_litert": "ai_edge_litert.interpreter",
+    "tensorflow": "tensorflow.lite",
+}
+_AUTO_ORDER = ("tflite_runtime", "ai_edge_litert", "tensorflow")
+
+_INSTALL_HINT = (
+    "install a TFLite runtime: 'pip install ai-edge-litert' (x86_64, aarch64) or "
+    "'pip install tflite-runtime==2.14.0 \"numpy<2\"' (32-bit ARM)"
+)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """An imported TFLite runtime: its name, interpreter class and delegate loader."""
+
+    name: str
+    interpreter_class: Callable[..., Any]
+    load_delegate: Callable[..., Any]
+
+
+def _import(name: str) -> Runtime:
+    module = importlib.import_module(_MODULES[name])
+    if name == "tensorflow":
+        return Runtime(name, module.Interpreter, module.experimental.load_delegate)
+    return Runtime(name, module.Interpreter, module.load_delegate)
+
+
+def load_runtime(prefer: RuntimeName = "auto") -> Runtime:
+    """Import a TFLite runtime: the one named, or the first that imports."""
+    if prefer != "auto":
+        try:
+            return _import(prefer)
+        except ImportError as exc:
+            raise ModelError(
+                f"the TFLite runtime {prefer!r} is not installed ({exc}): {_INSTALL_HINT}, "
+                "or set EDGE_MODEL__RUNTIME=auto"
+            ) from exc
+    failures: list[str] = []
+    for name in _AUTO_ORDER:
+        try:
+            runtime = _import(name)
+        except ImportError as exc:
+            failures.append(f"{name}: {exc}")
+            continue
+        log.debug("TFLite runtime: %s", name)
+        return runtime
+    raise ModelError(
+        f"no TFLite runtime could be imported ({'; '.join(failures)}): {_INSTALL_HINT}"
+    )
+
+
+def edgetpu_library() -> str:
+    """The Edge TPU delegate library's file name on this operating system."""
+    return {
+        "Linux": "libedgetpu.so.1",
+        "Darwin": "libedgetpu.1.dylib",
+        "Windows": "edgetpu.dll",
+    }.get(platform.system(), "libedgetpu.so.1")
+
+
+def load_edgetpu_delegate(
+    runtime: Runtime, device: str | None = None, library: str | None = None
+) -> Any:
+    """Load the Edge TPU delegate, turning the runtime's terse failure into what to check.
+
+    ``device`` is ``usb``, ``usb:N``, ``pci``, ``pci:N`` or None for the first TPU found.
+    """
+    lib = library or edgetpu_library()
+    options = {"device": device} if device else {}
+    try:
+        return runtime.load_delegate(lib, options)
+    except (ValueError, OSError, RuntimeError) as exc:
+        where = f" {device}" if device else ""
+        detail = str(exc).strip() or "no detail"
+        raise DelegateError(
+            f"cannot load the Edge TPU delegate from {lib}{where} ({detail}): "
+            "check that the Coral is plugged in (USB 3 port, enough power) or its PCIe driver "
+            "is loaded (/dev/apex_0), that the Edge TPU runtime (libedgetpu1-std) is "
+            "installed, that this user is in the 'plugdev' (USB) or 'apex' (PCIe) group, and "
+            "that the model was compiled with 'edge-convert quantize --edgetpu'; or set "
+            "EDGE_MODEL__FALLBACK_PATH to a CPU model"
+        ) from exc
+
+
+def _probe_load(model_path: Path, runtime: Runtime) -> None:
+    """Load the model once in a child process first.
+
+    tflite-runtime 2.14 crashes on some truncated files instead of raising; a crash in the
+    child becomes a clear error here, not a segmentation fault of the daemon.
+    """
+    code = (
+        "import sys\n"
+        f"from {_MODULES[runtime.name]} import Interpreter\n"
+        "Interpreter(model_path=sys.argv[1]).allocate_tensors()\n"
+    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(model_path)],
+            capture_output=True,
+            check=False,
+            timeout=120,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning(
+            "could not check %s in a child process (%s); loading it directly", model_path, exc
+        )
+        return
+    if proc.returncode < 0:
+        raise ModelError(
+            f"the {runtime.name} runtime crashed loading {model_path} "
+            f"(signal {-proc.returncode}): the file is truncated or corrupt; copy it again or "
+            "re-convert it with 'edge-convert quantize'"
+        )
+
+
+def make_interpreter(
+    model_path: Path,
+    *,
+    runtime: Runtime,
+    num_threads: int | None = None,
+    delegates: list[Any] | None = None,
+    verify: bool = True,
+) -> Any:
+    """Create an interpreter for ``model_path`` with tensors allocated.
+
+    ``verify`` loads the file in a child process first (a fraction of a second) so a corrupt
+    file cannot crash this process; the converter, which has just written the file, skips it.
+    """
+    if not model_path.is_file():
+        raise ModelError(
+            f"model file {model_path} does not exist: set EDGE_MODEL__PATH to a "
+            ".tflite file, or run 'make model' to build the bundled one"
+        )
+    try:
+        with model_path.open("rb") as handle:
+            head = handle.read(8)
+    except OSError as exc:
+        raise ModelError(f"cannot read model file {model_path}: {exc.strerror}") from exc
+    if head[4:8] != b"TFL3":
+        raise ModelError(
+            f"{model_path} is not a TFLite model (no TFL3 identifier): convert "
+            "it with 'edge-convert quantize MODEL'"
+        )
+    if verify and not delegates:
+        _probe_load(model_path, runtime)
+    try:
+        interpreter = runtime.interpreter_class(
+            model_path=str(model_path),
+            num_threads=num_threads,
+            experimental_delegates=delegates or None,
+        )
+        interpreter.allocate_tensors()
+    except (ValueError, RuntimeError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "Didn't find op" in detail or "custom op" in detail:
+            fix = (
+                "the model needs ops this runtime lacks: install ai-edge-litert, or for an "
+                "Edge TPU model set EDGE_MODEL__DELEGATE=edgetpu"
+            )
+        else:
+            fix = "the file may be truncated; re-convert it with 'edge-convert quantize'"
+        raise ModelError(
+            f"the {runtime.name} runtime cannot load {model_path} ({detail}): {fix}"
+        ) from exc
+    return interpreter

@@ -1,0 +1,533 @@
+"""edge-convert with real TensorFlow: training, every quantisation mode, the gate, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from converter.cli import main
+from converter.datasets import load_dataset, make_split
+from tests.conftest import ROOT, Zoo
+
+pytestmark = pytest.mark.converter
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def files(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()} if folder.exists() else set()
+
+
+# --- training and the split ------------------------------------------------------------------
+
+
+def test_split_is_seeded_stratified_and_disjoint() -> None:
+    dataset = load_dataset("digits")
+    a = make_split(dataset, "digits", seed=3)
+    b = make_split(dataset, "digits", seed=3)
+    c = make_split(dataset, "digits", seed=4)
+    np.testing.assert_array_equal(a.heldout, b.heldout)
+    assert not np.array_equal(a.heldout, c.heldout)
+    assert not set(a.heldout.tolist()) & set(a.train.tolist())
+    assert len(a.heldout) + len(a.train) == len(dataset)
+    per_class = np.bincount(dataset.labels[a.heldout])
+    assert per_class.min() >= 30  # every class is held out in proportion
+
+
+def test_training_writes_model_labels_and_record(zoo: Zoo) -> None:
+    record = json.loads((zoo.root / "small.train.json").read_text())
+    assert record["dataset"] == "digits"
+    assert record["seed"] == 7
+    assert len(record["heldout"]) == len(zoo.heldout_labels)
+    assert (zoo.root / "labels.txt").read_text().split() == [str(i) for i in range(10)]
+    assert (zoo.root / "small.keras").stat().st_size > 100_000
+
+
+@pytest.mark.parametrize("mode", ["int8", "float16", "dynamic", "float32"])
+def test_every_mode_writes_a_model_the_daemon_loads_and_that_agrees(zoo: Zoo, mode: str) -> None:
+    from edge_daemon.engine import Engine
+
+    folder = zoo.root / mode
+    assert {
+        "small.tflite",
+        "small.json",
+        "labels.txt",
+        "small.report.md",
+        "small.report.png",
+    } <= files(folder)
+    assert not [n for n in files(folder) if n.endswith(".partial")]
+    manifest = json.loads((folder / "small.json").read_text())
+    assert manifest["quantization_mode"] == mode
+    assert manifest["input"]["dynamic_batch"] is True
+    acc = manifest["accuracy"]
+    assert acc["top1_agreement"] >= 0.98
+    assert acc["accuracy_drop_points"] <= 1.0
+    assert acc["heldout_samples"] == len(zoo.heldout_labels)
+    engine = Engine.from_path(folder / "small.tflite")
+    assert engine.runtime.name in {"ai_edge_litert", "tflite_runtime"}
+    predicted = np.argmax(engine.classify(list(zoo.heldout_images)), axis=1)
+    assert float(np.mean(predicted == zoo.heldout_labels)) == pytest.approx(
+        acc["quantized_accuracy"], abs=1e-9
+    )
+    if mode == "int8":
+        assert manifest["input"]["dtype"] == manifest["output"]["dtype"] == "uint8"
+        assert acc["tflite_size_bytes"] <= 0.30 * acc["float_size_bytes"]
+    if mode == "float16":
+        assert acc["tflite_size_bytes"] <= 0.55 * acc["float_size_bytes"]
+    png = cv2.imread(str(folder / "small.report.png"))
+    assert png is not None
+    assert png.shape[1] >= 800
+
+
+def test_int8_io_on_request(zoo: Zoo, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(
+        capsys,
+        "quantize",
+        str(zoo.root / "small.keras"),
+        "--io-type",
+        "int8",
+        "--output",
+        str(tmp_path),
+        "--calibration-samples",
+        "50",
+    )
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "small.json").read_text())
+    assert manifest["input"]["dtype"] == "int8"
+    assert manifest["input"]["quantization"]["zero_point"] == -128
+    assert "points lost" in out
+
+
+def test_report_command_prints_the_figures(zoo: Zoo, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "report", str(zoo.root / "int8" / "small.json"))
+    assert code == 0
+    assert "held-out images" in out
+    assert "Per class" in out
+
+
+# --- the accuracy gate -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flat_softmax_model(zoo: Zoo, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The zoo's model with its logits shrunk 1000 times before the softmax.
+
+    Float argmax is unchanged, but every probability sits near 0.1, closer together than the
+    uint8 output's step of 1/256: the int8 model's scores tie and its accuracy collapses.
+    """
+    import keras
+
+    source = keras.models.load_model(zoo.root / "small.keras")
+    conv, pool, flatten, hidden, last = source.layers
+    logits = keras.layers.Dense(10, activation=None)
+    squashed = keras.Sequential(
+        [keras.Input((16, 16, 1)), conv, pool, flatten, hidden, logits, keras.layers.Softmax()]
+    )
+    w, b = last.get_weights()
+    logits.set_weights([w / 1000.0, b / 1000.0])
+    folder = tmp_path_factory.mktemp("flat")
+    squashed.save(folder / "flat.keras")
+    (folder / "labels.txt").write_text((zoo.root / "labels.txt").read_text())
+    # Same held-out split as the model it came from.
+    (folder / "flat.train.json").write_text((zoo.root / "small.train.json").read_text())
+    return folder / "flat.keras"
+
+
+def test_gate_fails_when_quantisation_loses_too_much(
+    flat_softmax_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "keep.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "quantize", str(flat_softmax_model), "--output", str(out_dir))
+    assert code == 3
+    assert "accuracy points" in err
+    assert "nothing was written" in err
+    assert err.count("\n") == 1
+    assert "Traceback" not in err
+    assert files(out_dir) == {"keep.txt"}  # no model, manifest, report or temporary file
+
+
+def test_gate_measures_the_real_drop(
+    flat_softmax_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run_cli(
+        capsys,
+        "quantize",
+        str(flat_softmax_model),
+        "--output",
+        str(tmp_path),
+        "--max-accuracy-drop",
+        "100",
+    )
+    assert code == 0, err
+    acc = json.loads((tmp_path / "flat.json").read_text())["accuracy"]
+    assert acc["float_accuracy"] >= 0.85
+    assert acc["accuracy_drop_points"] > 5.0
+    assert acc["top1_agreement"] < 0.95
+
+
+# --- Edge TPU -----------------------------------------------------------------------------------
+
+
+def test_edgetpu_mode_is_integer_batch_one_and_fully_supported(
+    zoo: Zoo, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = json.loads((zoo.root / "edgetpu" / "small.json").read_text())
+    assert manifest["input"]["dynamic_batch"] is False
+    assert manifest["input"]["dtype"] == "uint8"
+    assert manifest["edgetpu"] is False  # no compiler here: ready, not compiled
+    code, out, err = run_cli(capsys, "check-edgetpu", str(zoo.model("edgetpu")))
+    assert code == 0, err
+    assert "8 of 8 ops can run on the Edge TPU" in out
+
+
+def test_check_edgetpu_names_what_will_not_map(
+    zoo: Zoo, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_cli(capsys, "check-edgetpu", str(zoo.model("float32")))
+    assert code == 3
+    assert "not 8-bit quantised" in out
+    assert "cannot run on the Edge TPU" in err
+    code, out, _ = run_cli(capsys, "check-edgetpu", str(zoo.model("int8")))
+    assert code == 3
+    assert "SHAPE" in out
+    assert "dynamic" in out
+
+
+FAKE_COMPILER = """#!{python}
+# Stands in for Coral's edgetpu_compiler (x86-64 Debian/Ubuntu only, not installable here):
+# same arguments, same output file name, a log in the real compiler's format.
+import shutil, sys
+from pathlib import Path
+args = sys.argv[1:]
+out = Path(args[args.index("-o") + 1])
+model = Path(args[-1])
+shutil.copy(model, out / (model.stem + "_edgetpu.tflite"))
+print("Edge TPU Compiler version 16.0.384591198")
+print("Input: " + str(model))
+print("Output: " + str(out / (model.stem + "_edgetpu.tflite")))
+print()
+print("Operator                       Count      Status")
+print()
+for line in {table!r}:
+    print(line)
+print()
+print("Number of Edge TPU subgraphs: {subgraphs}")
+"""
+
+
+def fake_compiler(folder: Path, table: list[str], subgraphs: int = 1) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    exe = folder / "edgetpu_compiler"
+    exe.write_text(FAKE_COMPILER.format(python=sys.executable, table=table, subgraphs=subgraphs))
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    return folder
+
+
+def test_edgetpu_compile_writes_compiled_model_and_manifest(
+    zoo: Zoo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bin_dir = fake_compiler(
+        tmp_path / "bin",
+        [
+            "QUANTIZE                       2          Mapped to Edge TPU",
+            "CONV_2D                        1          Mapped to Edge TPU",
+            "FULLY_CONNECTED                2          Mapped to Edge TPU",
+        ],
+    )
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "out"
+    code, _, err = run_cli(
+        capsys,
+        "quantize",
+        str(zoo.root / "small.keras"),
+        "--edgetpu",
+        "--output",
+        str(out),
+        "--calibration-samples",
+        "50",
+    )
+    assert code == 0, err
+    assert {"small.tflite", "small.json", "small_edgetpu.tflite", "small_edgetpu.json"} <= files(
+        out
+    )
+    compiled = json.loads((out / "small_edgetpu.json").read_text())
+    assert compiled["edgetpu"] is True
+    assert compiled["model_file"] == "small_edgetpu.tflite"
+    assert not [n for n in files(out) if "partial" in n]
+
+
+def test_edgetpu_compile_fails_when_ops_stay_on_the_cpu(
+    zoo: Zoo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bin_dir = fake_compiler(
+        tmp_path / "bin",
+        [
+            "CONV_2D                        1          Mapped to Edge TPU",
+            "SOFTMAX                        1          Operation is otherwise supported, but not "
+            "mapped due to some unspecified limitation",
+        ],
+        subgraphs=2,
+    )
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [
+        "quantize",
+        str(zoo.root / "small.keras"),
+        "--edgetpu",
+        "--output",
+        str(out),
+        "--calibration-samples",
+        "50",
+    ]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 3
+    assert "SOFTMAX x1" in err
+    assert "--allow-cpu-ops" in err
+    assert files(out) == set()
+    code, _, err = run_cli(capsys, *args, "--allow-cpu-ops")
+    assert code == 0, err
+    assert "small_edgetpu.tflite" in files(out)
+
+
+def test_edgetpu_without_compiler_says_how_to_get_it(
+    zoo: Zoo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no edgetpu_compiler anywhere
+    code, _, err = run_cli(
+        capsys,
+        "quantize",
+        str(zoo.root / "small.keras"),
+        "--edgetpu",
+        "--output",
+        str(tmp_path / "out"),
+        "--calibration-samples",
+        "50",
+    )
+    assert code == 0
+    assert "apt-get install edgetpu-compiler" in err
+    assert f"edgetpu_compiler -s -o {tmp_path / 'out'} {tmp_path / 'out' / 'small.tflite'}" in err
+
+
+def test_parse_compiler_log_counts() -> None:
+    from converter.edgetpu import parse_compiler_log
+
+    log = (
+        "Operator                       Count      Status\n\n"
+        "CONV_2D                        11         Mapped to Edge TPU\n"
+        "RESIZE_NEAREST_NEIGHBOR        1          Operation version not supported\n"
+        "CONCATENATION                  1          More than one subgraph is not supported\n"
+        "Number of Edge TPU subgraphs: 2\n"
+    )
+    on_tpu, on_cpu, subgraphs, cpu_ops = parse_compiler_log(log)
+    assert (on_tpu, on_cpu, subgraphs) == (11, 2, 2)
+    assert cpu_ops[0].startswith("RESIZE_NEAREST_NEIGHBOR x1: Operation version")
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+def assert_one_line_error(code: int, err: str, expected_code: int, *needles: str) -> None:
+    assert code == expected_code, err
+    lines = [line for line in err.splitlines() if line.startswith("edge-convert:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_missing_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "quantize", str(tmp_path / "nope.keras"))
+    assert_one_line_error(code, err, 66, "does not exist", "edge-convert train")
+
+
+def test_file_that_is_not_a_keras_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for name, data in [
+        ("notes.keras", b"hello"),
+        ("weights.h5", b"\x00" * 64),
+        ("model.pb", b"junk"),
+    ]:
+        path = tmp_path / name
+        path.write_bytes(data)
+        code, _, err = run_cli(
+            capsys, "quantize", str(path), "--dataset", "digits", "--output", str(tmp_path / "out")
+        )
+        assert_one_line_error(code, err, 65, "is not a Keras model")
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    code, _, err = run_cli(capsys, "quantize", str(folder), "--dataset", "digits")
+    assert_one_line_error(code, err, 65, "without saved_model.pb")
+    assert files(tmp_path / "out") == set()
+
+
+def test_dataset_folder_without_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "data" / "cats").mkdir(parents=True)
+    (tmp_path / "data" / "cats" / "readme.txt").write_text("no images here")
+    code, _, err = run_cli(
+        capsys, "train", "--dataset", str(tmp_path / "data"), "--output", str(tmp_path / "out")
+    )
+    assert_one_line_error(code, err, 65, "has no images", "sub-folder")
+    assert files(tmp_path / "out") == set()
+
+
+def write_image_folder(root: Path, classes: dict[str, list[np.ndarray]]) -> Path:
+    for name, images in classes.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images):
+            cv2.imwrite(str(root / name / f"{i}.png"), image)
+    return root
+
+
+def test_dataset_folder_with_a_single_class(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_image_folder(tmp_path / "data", {"only": [np.zeros((8, 8), np.uint8)] * 3})
+    code, _, err = run_cli(
+        capsys, "train", "--dataset", str(data), "--output", str(tmp_path / "out")
+    )
+    assert_one_line_error(code, err, 65, "single class", "at least two classes")
+
+
+def test_dataset_that_does_not_fit_the_model(
+    zoo: Zoo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = np.random.default_rng(0)
+    colour = {
+        c: [rng.integers(0, 255, (16, 16, 3), dtype=np.uint8) for _ in range(3)] for c in ("a", "b")
+    }
+    data = write_image_folder(tmp_path / "colour", colour)
+    out = tmp_path / "out"
+    code, _, err = run_cli(
+        capsys,
+        "quantize",
+        str(zoo.root / "small.keras"),
+        "--dataset",
+        str(data),
+        "--output",
+        str(out),
+    )
+    assert_one_line_error(code, err, 65, "colour images", "gray input")
+    assert files(out) == set()
+    np.savez(tmp_path / "flat.npz", x=np.zeros((10, 64), np.uint8), y=np.arange(10))
+    code, _, err = run_cli(
+        capsys,
+        "quantize",
+        str(zoo.root / "small.keras"),
+        "--dataset",
+        str(tmp_path / "flat.npz"),
+        "--output",
+        str(out),
+    )
+    assert_one_line_error(code, err, 65, "not images")
+    assert files(out) == set()
+
+
+def test_labels_that_do_not_match_the_outputs(
+    zoo: Zoo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\n")
+    out = tmp_path / "out"
+    code, _, err = run_cli(
+        capsys,
+        "quantize",
+        str(zoo.root / "small.keras"),
+        "--labels",
+        str(labels),
+        "--output",
+        str(out),
+    )
+    assert_one_line_error(code, err, 65, "2 labels", "10 outputs", "--labels")
+    assert files(out) == set()
+
+
+def test_npz_and_folder_datasets_train_end_to_end(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    digits = load_dataset("digits")
+    keep = digits.labels < 3
+    x = np.stack([img for img, k in zip(digits.images, keep, strict=True) if k])
+    np.savez(
+        tmp_path / "three.npz", x=x, y=digits.labels[keep], labels=np.array(["zero", "one", "two"])
+    )
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        "--dataset",
+        str(tmp_path / "three.npz"),
+        "--output",
+        str(tmp_path / "npz"),
+        "--epochs",
+        "3",
+        "--input-size",
+        "12",
+    )
+    assert code == 0, err
+    assert (tmp_path / "npz" / "labels.txt").read_text().split() == ["zero", "one", "two"]
+    code, _, err = run_cli(
+        capsys, "quantize", str(tmp_path / "npz" / "three.keras"), "--mode", "dynamic"
+    )
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "npz" / "three.json").read_text())
+    assert manifest["accuracy"]["quantized_accuracy"] >= 0.9
+    folder = write_image_folder(
+        tmp_path / "imgs",
+        {
+            name: [
+                cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) for img in x[digits.labels[keep] == i][:40]
+            ]
+            for i, name in enumerate(["zero", "one", "two"])
+        },
+    )
+    code, _out, err = run_cli(
+        capsys,
+        "train",
+        "--dataset",
+        str(folder),
+        "--output",
+        str(tmp_path / "folder"),
+        "--epochs",
+        "3",
+        "--input-size",
+        "12",
+    )
+    assert code == 0, err
+    record = json.loads((tmp_path / "folder" / "imgs.train.json").read_text())
+    assert record["input"]["colour"] == "rgb"
+    assert record["input"]["channels"] == 3
+
+
+def test_console_script_exit_code_and_no_traceback(tmp_path: Path) -> None:
+    exe = Path(sys.executable).parent / "edge-convert"
+    proc = subprocess.run(
+        [str(exe), "quantize", str(tmp_path / "missing.keras")],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 66
+    assert proc.stderr.startswith("edge-convert: error: model ")
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "converter", "--version"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0
+    assert "edge-convert" in proc.stdout

@@ -1,0 +1,187 @@
+"""The daemon's model runtime: loading, batching and predictions, on whichever runtime is installed.
+
+These run in both environments (ai-edge-litert with NumPy 2; tflite-runtime 2.14 with NumPy 1).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_daemon.engine import Engine
+from edge_daemon.errors import DelegateError, ModelError
+from edge_daemon.manifest import ModelManifest, read_manifest
+from edge_daemon.runtime import load_edgetpu_delegate, load_runtime
+from tests.conftest import ZOO_MODES, Zoo
+
+pytestmark = pytest.mark.runtime
+
+
+@pytest.mark.parametrize("mode", ZOO_MODES)
+def test_every_mode_predicts_what_the_converter_measured(zoo: Zoo, mode: str) -> None:
+    engine = Engine.from_path(zoo.model(mode))
+    assert engine.manifest is not None
+    scores = engine.classify(list(zoo.heldout_images))
+    predicted = np.argmax(scores, axis=1)
+    # The converter evaluated this file with ai-edge-litert; any runtime must give the same
+    # top-1 class on (nearly) every image.
+    agreement = float(np.mean(predicted == zoo.expected(mode)))
+    assert agreement >= 0.99, f"{mode}: only {agreement:.3f} agreement with the converter"
+    accuracy = float(np.mean(predicted == zoo.heldout_labels))
+    assert engine.manifest.accuracy is not None
+    assert accuracy == pytest.approx(engine.manifest.accuracy.quantized_accuracy, abs=0.01)
+    assert np.allclose(scores.sum(axis=1), 1.0, atol=0.05)
+
+
+def test_dynamic_batch_resizes_once_per_size(zoo: Zoo) -> None:
+    engine = Engine.from_path(zoo.model("int8"))
+    assert engine.input_spec.dynamic_batch
+    calls: list[list[int]] = []
+    original = engine.interpreter.resize_tensor_input
+
+    def counting(index: int, shape: list[int], strict: bool = False) -> None:
+        calls.append(list(shape))
+        original(index, shape, strict=strict)
+
+    engine.interpreter.resize_tensor_input = counting
+    images = list(zoo.heldout_images[:8])
+    single = np.concatenate([engine.classify(images[i : i + 1]) for i in range(8)])
+    batched = engine.classify(images)
+    again = engine.classify(images)
+    assert [c[0] for c in calls] == [8]  # batch 1 was the loaded size; 8 resized once
+    # Batching must not change any result.
+    np.testing.assert_allclose(batched, single, atol=1e-6)
+    np.testing.assert_array_equal(batched, again)
+
+
+def test_fixed_batch_model_runs_element_by_element(zoo: Zoo) -> None:
+    engine = Engine.from_path(zoo.model("edgetpu"))
+    assert not engine.input_spec.dynamic_batch
+    images = list(zoo.heldout_images[:5])
+    scores = engine.classify(images)
+    assert scores.shape == (5, 10)
+    np.testing.assert_array_equal(np.argmax(scores, axis=1), zoo.expected("edgetpu")[:5])
+
+
+def test_bundled_model_meets_its_targets(bundled_model: Path) -> None:
+    manifest = read_manifest(bundled_model.with_suffix(".json"))
+    assert manifest.quantization_mode == "int8"
+    acc = manifest.accuracy
+    assert acc is not None
+    assert acc.quantized_accuracy >= 0.95
+    assert acc.accuracy_drop_points <= 1.0
+    assert acc.tflite_size_bytes <= 0.30 * acc.float_size_bytes
+    assert bundled_model.stat().st_size == acc.tflite_size_bytes
+    engine = Engine.from_path(bundled_model)
+    assert engine.labels == tuple(str(i) for i in range(10))
+
+
+def test_third_party_model_without_manifest_runs_from_tensors(zoo: Zoo, tmp_path: Path) -> None:
+    bare = tmp_path / "bare.tflite"
+    shutil.copy(zoo.model("int8"), bare)
+    engine = Engine.from_path(bare, colour="gray")
+    assert engine.manifest is None
+    spec = engine.input_spec
+    assert (spec.height, spec.width, spec.channels, spec.dtype) == (16, 16, 1, "uint8")
+    assert spec.quantization is not None
+    assert engine.labels == tuple(str(i) for i in range(10))
+    # Raw uint8 pixels at scale 1/255 match what the manifest says for this model.
+    predicted = np.argmax(engine.classify(list(zoo.heldout_images)), axis=1)
+    assert float(np.mean(predicted == zoo.expected("int8"))) >= 0.99
+
+
+def test_labels_file_beside_a_bare_model_is_used_and_checked(zoo: Zoo, tmp_path: Path) -> None:
+    bare = tmp_path / "bare.tflite"
+    shutil.copy(zoo.model("float32"), bare)
+    (tmp_path / "labels.txt").write_text("\n".join(f"digit {i}" for i in range(10)) + "\n")
+    assert Engine.from_path(bare).labels[3] == "digit 3"
+    (tmp_path / "labels.txt").write_text("a\nb\nc\n")
+    with pytest.raises(ModelError, match="3 labels for the 10 outputs"):
+        Engine.from_path(bare)
+
+
+def test_missing_truncated_and_foreign_model_files(zoo: Zoo, tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="does not exist"):
+        Engine.from_path(tmp_path / "nope.tflite")
+    not_tflite = tmp_path / "photo.tflite"
+    not_tflite.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 100)
+    with pytest.raises(ModelError, match="not a TFLite model"):
+        Engine.from_path(not_tflite)
+    # Cut at several places: every runtime must refuse each with an error, never crash
+    # (tflite-runtime 2.14 segfaults on some of these when loaded in-process).
+    data = zoo.model("int8").read_bytes()
+    for size in (64, 4096, len(data) // 2, len(data) - 100):
+        truncated = tmp_path / f"cut{size}.tflite"
+        truncated.write_bytes(data[:size])
+        with pytest.raises(ModelError, match=r"cannot load|crashed loading"):
+            Engine.from_path(truncated)
+
+
+def test_model_that_does_not_fit_its_manifest(zoo: Zoo, tmp_path: Path) -> None:
+    shutil.copy(zoo.model("int8"), tmp_path / "small.tflite")
+    manifest = json.loads(zoo.model("int8").with_suffix(".json").read_text())
+    manifest["input"]["height"] = manifest["input"]["width"] = 32
+    (tmp_path / "small.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match=r"does not fit its manifest: input shape \[16, 16, 1\]"):
+        Engine.from_path(tmp_path / "small.tflite")
+
+
+def test_broken_manifest_is_one_clear_line(zoo: Zoo, tmp_path: Path) -> None:
+    shutil.copy(zoo.model("int8"), tmp_path / "small.tflite")
+    manifest = json.loads(zoo.model("int8").with_suffix(".json").read_text())
+    manifest["labels"] = ["only", "three", "labels"]
+    (tmp_path / "small.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError) as info:
+        Engine.from_path(tmp_path / "small.tflite")
+    assert "3 labels for 10 model outputs" in str(info.value)
+    assert "\n" not in str(info.value)
+    (tmp_path / "small.json").write_text("{not json")
+    with pytest.raises(ModelError, match="is not valid"):
+        Engine.from_path(tmp_path / "small.tflite")
+
+
+def test_manifest_round_trips(zoo: Zoo) -> None:
+    text = zoo.model("int8").with_suffix(".json").read_text()
+    manifest = ModelManifest.model_validate_json(text)
+    assert ModelManifest.model_validate_json(manifest.model_dump_json()) == manifest
+
+
+def test_forcing_a_runtime_that_is_not_installed_says_how_to_install() -> None:
+    installed = load_runtime().name
+    missing = "ai_edge_litert" if installed == "tflite_runtime" else "tflite_runtime"
+    with pytest.raises(ModelError, match="pip install"):
+        load_runtime(missing)  # type: ignore[arg-type]
+
+
+def test_edgetpu_delegate_failure_says_what_to_check(tmp_path: Path) -> None:
+    runtime = load_runtime()
+    with pytest.raises(DelegateError) as info:
+        load_edgetpu_delegate(runtime, "usb:0", str(tmp_path / "libedgetpu.so.1"))
+    message = str(info.value)
+    assert "usb:0" in message
+    assert "plugdev" in message
+    assert "EDGE_MODEL__FALLBACK_PATH" in message
+
+
+def test_importing_the_daemon_and_running_a_model_never_imports_tensorflow(
+    bundled_model: Path,
+) -> None:
+    code = (
+        "import sys, numpy as np\n"
+        "import edge_daemon, edge_daemon.engine, edge_daemon.manifest, edge_daemon.runtime\n"
+        "from pathlib import Path\n"
+        f"e = edge_daemon.engine.Engine.from_path(Path({str(bundled_model)!r}))\n"
+        "e.classify([np.zeros((8, 8), np.uint8)])\n"
+        "print(e.runtime.name)\n"
+        "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
+        "assert 'keras' not in sys.modules, 'keras was imported'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() in {"tflite_runtime", "ai_edge_litert"}
