@@ -10,7 +10,7 @@ MODEL_DIR := build/model
 DURATION ?=
 PYTEST_ARGS ?=
 
-.PHONY: help venv lint format test test-main test-tflite model run clean
+.PHONY: help venv lint format test test-main test-tflite model run env-example clean
 
 help:
 	@echo "make run       run the daemon on the bundled model and sample clip (DURATION=15 stops)"
@@ -64,6 +64,14 @@ model: $(STAMP)
 	cp $(MODEL_DIR)/digits.tflite $(MODEL_DIR)/digits.json $(MODEL_DIR)/labels.txt \
 	    $(MODEL_DIR)/digits.report.md $(MODEL_DIR)/digits.report.png \
 	    $(MODEL_DIR)/digits.train.json edge_daemon/models/
+	$(BIN)/edge-convert sample-clip --model-dir edge_daemon/models \
+	    --output edge_daemon/samples/digits.mp4
+
+run: $(STAMP)
+	$(BIN)/edge-daemon demo $(if $(DURATION),--duration $(DURATION))
+
+env-example: $(STAMP)
+	$(BIN)/edge-daemon env-example --output config/edge-daemon.env.example
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

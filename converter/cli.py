@@ -134,6 +134,20 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="print a converted model's report")
     report.add_argument("manifest", type=Path, help="NAME.json or NAME.tflite")
 
+    clip = sub.add_parser("sample-clip", help="render the daemon's sample clip of held-out digits")
+    clip.add_argument(
+        "--model-dir",
+        type=Path,
+        default=Path("edge_daemon/models"),
+        help="folder with the trained model's NAME.train.json (default: edge_daemon/models)",
+    )
+    clip.add_argument(
+        "--output",
+        type=Path,
+        default=Path("edge_daemon/samples/digits.mp4"),
+        help="the video to write; its sidecar NAME.json goes beside it",
+    )
+
     check = sub.add_parser(
         "check-edgetpu", help="list a model's ops and whether the Edge TPU supports each"
     )
@@ -264,8 +278,17 @@ def _check_edgetpu(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample_clip(args: argparse.Namespace) -> int:
+    from converter.clip import make_clip  # noqa: PLC0415
+
+    path = make_clip(args.model_dir, args.output)
+    print(f"wrote {path} and {path.with_suffix('.json')}")
+    return 0
+
+
 _COMMANDS = {
     "train": _train,
+    "sample-clip": _sample_clip,
     "quantize": _quantize,
     "report": _report,
     "check-edgetpu": _check_edgetpu,

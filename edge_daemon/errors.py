@@ -15,6 +15,11 @@ class ConfigError(EdgeDaemonError):
 
     exit_code = 78
 
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        #: One line per problem, each naming the variable to fix.
+        self.problems = problems or [message]
+
 
 class ModelError(EdgeDaemonError):
     """A model, its manifest or its labels cannot be used."""

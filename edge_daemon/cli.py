@@ -1,0 +1,157 @@
+"""``edge-daemon``: run the daemon, check a configuration, write the settings example.
+
+Exit codes: 0 clean stop; 78 (EX_CONFIG) bad settings or an unusable model, which systemd must
+not restart in a loop (``RestartPreventExitStatus=78``); 1 unexpected failure; 2 bad command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from edge_daemon import __version__
+from edge_daemon.errors import ConfigError, EdgeDaemonError
+
+log = logging.getLogger("edge_daemon")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-daemon",
+        description="Cameras to batched TFLite inference to MQTT. Configured by EDGE_* "
+        "environment variables (see config/edge-daemon.env.example).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="log at debug level and show tracebacks"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run the daemon until stopped")
+    run.add_argument("--env-file", type=Path, help="a file of EDGE_...=value lines")
+    run.add_argument("--duration", type=float, help="stop by itself after this many seconds")
+    check = sub.add_parser("check", help="validate settings, model, sources and broker")
+    check.add_argument("--env-file", type=Path, help="a file of EDGE_...=value lines")
+    check.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        help="seconds to wait for each source and the broker (default: 5)",
+    )
+    example = sub.add_parser("env-example", help="print the documented settings example")
+    example.add_argument("--output", type=Path, help="write it here instead of stdout")
+    demo = sub.add_parser(
+        "demo",
+        help="the sample clip through the daemon to a subscriber "
+        "that prints labels and their accuracy (make run)",
+    )
+    demo.add_argument("--duration", type=float, help="stop by itself after this many seconds")
+    return parser
+
+
+def _setup_logging(level: str, debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    if not debug:
+        logging.getLogger("paho").setLevel(logging.WARNING)
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        del frame
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from edge_daemon.pipeline import Daemon, model_summary  # noqa: PLC0415 - fast --help
+    from edge_daemon.settings import load_settings  # noqa: PLC0415
+
+    settings = load_settings(args.env_file)
+    _setup_logging(settings.log_level, args.debug)
+    daemon = Daemon(settings)
+    log.info("model %s", model_summary(daemon.engine))
+    if daemon.using_sample:
+        log.warning(
+            "no camera configured: playing the bundled sample clip as camera 'sample'. "
+            "Set EDGE_CAMERAS__<name>__SOURCE (a device, file, rtsp:// or http:// URL) "
+            "to use your own"
+        )
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    daemon.start()
+    try:
+        daemon.run(duration=args.duration, stop=stop)
+    finally:
+        daemon.stop()
+    log.info("stopped")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from edge_daemon.checks import run_checks  # noqa: PLC0415
+
+    return run_checks(args.env_file, args.timeout)
+
+
+def _env_example(args: argparse.Namespace) -> int:
+    from edge_daemon.envdoc import generate  # noqa: PLC0415
+    from edge_daemon.manifest import write_atomic  # noqa: PLC0415
+
+    text = generate()
+    if args.output:
+        write_atomic(args.output, text.encode("utf-8"))
+    else:
+        print(text, end="")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from edge_daemon.demo import run_demo  # noqa: PLC0415
+
+    return run_demo(args.duration, debug=args.debug)
+
+
+_COMMANDS = {"run": _run, "check": _check, "env-example": _env_example, "demo": _demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``edge-daemon``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    _setup_logging("info", args.debug)
+    try:
+        return _COMMANDS[args.command](args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"edge-daemon: error: {problem}", file=sys.stderr)
+        if args.debug:
+            log.exception("configuration error")
+        return exc.exit_code
+    except EdgeDaemonError as exc:
+        print(f"edge-daemon: error: {exc}", file=sys.stderr)
+        if args.debug:
+            log.exception("failed")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 0
+    except Exception as exc:
+        if args.debug:
+            log.exception("unexpected failure")
+        print(
+            f"edge-daemon: unexpected error: {type(exc).__name__}: {exc} "
+            "(run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1

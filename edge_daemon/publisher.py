@@ -1,0 +1,226 @@
+"""The MQTT side: connection, availability, topics, and a bounded queue that never blocks.
+
+``publish()`` only appends to a bounded queue; a sender thread hands messages to paho while the
+broker is connected, keeping at most a window of QoS 1/2 messages unacknowledged, so paho's own
+queue stays small. When the broker is slow or away the queue fills and the oldest messages are
+dropped and counted: live labels want the newest. The retained ``status`` is ``online`` while
+connected, with a retained ``offline`` last will, and ``offline`` is published before a clean
+disconnect (the broker sends the will only on an unclean one).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_daemon.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: QoS 1/2 messages handed to paho and not yet acknowledged, at most.
+INFLIGHT_WINDOW = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One message waiting to be sent."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+class Publisher:
+    """An MQTT client that reconnects by itself and never blocks the caller."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.prefix = settings.topic_prefix
+        mqtt_cfg = settings.mqtt
+        self._v5 = mqtt_cfg.protocol == "5"
+        self._client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=settings.client_id,
+            protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
+            clean_session=None if self._v5 else True,
+        )
+        if mqtt_cfg.username:
+            password = mqtt_cfg.password.get_secret_value() if mqtt_cfg.password else None
+            self._client.username_pw_set(mqtt_cfg.username, password)
+        self._client.will_set(self.topic("status"), b"offline", qos=1, retain=True)
+        self._client.reconnect_delay_set(
+            max(1, round(mqtt_cfg.reconnect_min_s)), max(1, round(mqtt_cfg.reconnect_max_s))
+        )
+        self._client.max_inflight_messages_set(INFLIGHT_WINDOW)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_publish = self._on_publish
+        self._queue: collections.deque[Message] = collections.deque()
+        self._cond = threading.Condition()
+        self._connected = False
+        self._unacked = 0
+        self._retained: dict[str, Message] = {}
+        self._stop = threading.Event()
+        self._sender: threading.Thread | None = None
+        self.sent = 0
+        self.acked = 0
+        self.dropped = 0
+        self.connects = 0
+        self.last_refusal: str | None = None
+
+    # --- topics ----------------------------------------------------------------------------
+
+    def topic(self, *parts: str) -> str:
+        """A topic under this device's prefix."""
+        return "/".join((self.prefix, *parts))
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect in the background (the broker may be away; paho keeps retrying)."""
+        cfg = self.settings.mqtt
+        self._client.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive)
+        self._client.loop_start()
+        self._sender = threading.Thread(target=self._send_loop, name="mqtt-sender", daemon=True)
+        self._sender.start()
+
+    def stop(self, flush_timeout: float = 3.0) -> None:
+        """Publish ``offline``, flush what is queued up to ``flush_timeout``, disconnect."""
+        deadline = time.monotonic() + flush_timeout
+        self.publish_retained(self.topic("status"), b"offline")
+        with self._cond:
+            while (self._queue or self._unacked) and self._connected:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(min(remaining, 0.1))
+            left = len(self._queue) + self._unacked
+        if left:
+            log.warning("stopping with %d message(s) not delivered to the broker", left)
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._sender is not None:
+            self._sender.join(2.0)
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    @property
+    def connected(self) -> bool:
+        """True while the broker has accepted our connection."""
+        return self._connected
+
+    @property
+    def queued(self) -> int:
+        """Messages waiting in the queue."""
+        return len(self._queue)
+
+    # --- publishing ------------------------------------------------------------------------
+
+    def publish(
+        self, topic: str, payload: bytes, *, qos: int | None = None, retain: bool = False
+    ) -> None:
+        """Queue a message; when the queue is full the oldest one is dropped and counted."""
+        message = Message(topic, payload, self.settings.mqtt.qos if qos is None else qos, retain)
+        with self._cond:
+            if len(self._queue) >= self.settings.mqtt.queue_size:
+                self._queue.popleft()
+                self.dropped += 1
+            self._queue.append(message)
+            self._cond.notify_all()
+
+    def publish_retained(self, topic: str, payload: bytes) -> None:
+        """Queue a retained QoS 1 state message, re-sent after every reconnect."""
+        message = Message(topic, payload, 1, True)
+        with self._cond:
+            self._retained[topic] = message
+        self.publish(topic, payload, qos=1, retain=True)
+
+    # --- paho callbacks (on paho's network thread) -------------------------------------------
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
+    ) -> None:
+        del client, userdata, flags, properties
+        cfg = self.settings.mqtt
+        if reason_code.is_failure:
+            self.last_refusal = str(reason_code)
+            log.error(
+                "broker %s:%d refused the connection: %s (check EDGE_MQTT__USERNAME, "
+                "EDGE_MQTT__PASSWORD and the broker's access rules)",
+                cfg.host,
+                cfg.port,
+                reason_code,
+            )
+            return
+        self.connects += 1
+        self.last_refusal = None
+        log.info("connected to broker %s:%d as %s", cfg.host, cfg.port, self.settings.client_id)
+        with self._cond:
+            # State first: the broker must see ``online`` and camera states before labels.
+            self._connected = True
+            states = [m for t, m in self._retained.items() if t != self.topic("status")]
+            self._queue.extendleft(reversed(states))
+            self._queue.appendleft(Message(self.topic("status"), b"online", 1, True))
+            self._cond.notify_all()
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
+    ) -> None:
+        del client, userdata, flags, properties
+        with self._cond:
+            was = self._connected
+            self._connected = False
+            # paho re-sends unacknowledged QoS 1/2 messages itself after reconnecting.
+            self._cond.notify_all()
+        if was and not self._stop.is_set():
+            log.warning("lost the broker connection (%s); reconnecting", reason_code)
+
+    def _on_publish(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any
+    ) -> None:
+        del client, userdata, mid, reason_code, properties
+        with self._cond:
+            self.acked += 1
+            self._unacked = max(0, self._unacked - 1)
+            self._cond.notify_all()
+
+    # --- sender thread ---------------------------------------------------------------------
+
+    def _send_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._cond:
+                while not self._stop.is_set() and not (
+                    self._connected and self._queue and self._unacked < INFLIGHT_WINDOW
+                ):
+                    self._cond.wait(0.5)
+                if self._stop.is_set():
+                    return
+                message = self._queue.popleft()
+                self._unacked += 1
+            info = self._client.publish(
+                message.topic, message.payload, qos=message.qos, retain=message.retain
+            )
+            if info.rc == mqtt.MQTT_ERR_NO_CONN:
+                with self._cond:
+                    self._unacked -= 1
+                    self._queue.appendleft(message)
+                    self._connected = False
+                continue
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                log.warning(
+                    "could not publish to %s: %s", message.topic, mqtt.error_string(info.rc)
+                )
+                with self._cond:
+                    self._unacked -= 1
+                continue
+            # paho calls on_publish for every message: when QoS 0 is written, when 1/2 is acked.
+            self.sent += 1

@@ -1,0 +1,389 @@
+"""Every setting of the daemon, from the environment (``EDGE_`` prefix, ``__`` for nesting),
+a dotenv file and a secrets directory, with one clear line per bad variable.
+
+Cameras are keyed by name, so each is a few plain environment lines::
+
+    EDGE_CAMERAS__door__SOURCE=rtsp://192.0.2.10/stream
+    EDGE_CAMERAS__door__FPS=10
+    EDGE_CAMERAS__door__ROIS__porch=0.5,0.2,0.5,0.8
+
+Names are case-insensitive (the environment is read that way) and used in lower case in topics.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from edge_daemon.errors import ConfigError
+
+ENV_PREFIX = "EDGE_"
+DELIMITER = "__"
+PACKAGE_DIR = Path(__file__).resolve().parent
+BUNDLED_MODEL = PACKAGE_DIR / "models" / "digits.tflite"
+SAMPLE_CLIP = PACKAGE_DIR / "samples" / "digits.mp4"
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class Roi(_Group):
+    """A region of interest: ``x, y, width, height`` in pixels, or in fractions of the frame
+    when all four are at most 1 (``0.5,0.2,0.5,0.8`` is the right half, from 20% down)."""
+
+    x: float = Field(ge=0)
+    y: float = Field(ge=0)
+    width: float = Field(gt=0)
+    height: float = Field(gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        parts = [p.strip() for p in value.split(",")]
+        if len(parts) != 4:
+            raise ValueError("give x,y,width,height, e.g. 0.25,0.25,0.5,0.5 or 80,60,160,120")
+        try:
+            x, y, w, h = (float(p) for p in parts)
+        except ValueError:
+            raise ValueError("x,y,width,height must be numbers") from None
+        return {"x": x, "y": y, "width": w, "height": h}
+
+    @classmethod
+    def parse(cls, text: str) -> Roi:
+        """``"x,y,width,height"`` to a :class:`Roi`."""
+        return cls.model_validate(text)
+
+    @property
+    def fractional(self) -> bool:
+        """True when the four numbers are fractions of the frame."""
+        return max(self.x, self.y, self.width, self.height) <= 1.0
+
+    def box(self, frame_width: int, frame_height: int) -> tuple[int, int, int, int]:
+        """The region in pixels of a frame of the given size, clipped to it."""
+        if self.fractional:
+            x, y = round(self.x * frame_width), round(self.y * frame_height)
+            w, h = round(self.width * frame_width), round(self.height * frame_height)
+        else:
+            x, y, w, h = round(self.x), round(self.y), round(self.width), round(self.height)
+        x, y = min(x, frame_width - 1), min(y, frame_height - 1)
+        return x, y, max(1, min(w, frame_width - x)), max(1, min(h, frame_height - y))
+
+
+class CameraSettings(_Group):
+    """One video source."""
+
+    source: str = Field(min_length=1)
+    """Device index or path (/dev/video0), video file, rtsp:// or http(s):// URL, or a
+    GStreamer pipeline ending in appsink."""
+    fps: float | None = Field(default=None, gt=0, le=240)
+    """Frames per second to take at most (the rest are skipped); none: as fast as they come."""
+    width: int | None = Field(default=None, gt=0)
+    """Devices: capture width hint."""
+    height: int | None = Field(default=None, gt=0)
+    """Devices: capture height hint."""
+    fourcc: str | None = Field(default=None, min_length=4, max_length=4)
+    """Devices: pixel format hint (MJPG helps USB cameras reach 720p30)."""
+    loop: bool = True
+    """Files: start again at the end (true) or stop the camera there."""
+    realtime: bool = True
+    """Files: play at the file's own frame rate, as a camera would deliver it."""
+    open_timeout_s: float = Field(default=10.0, gt=0)
+    """Give up opening a source after this long."""
+    read_timeout_s: float = Field(default=10.0, gt=0)
+    """A source that delivers no frame for this long is reopened."""
+    rois: dict[str, Roi] = Field(default_factory=dict)
+    """Named regions x,y,width,height (pixels, or fractions when all are at most 1), each one
+    batch element with its own topic; none means the whole frame, named 'frame'."""
+
+    @field_validator("rois")
+    @classmethod
+    def _roi_names(cls, value: dict[str, Roi]) -> dict[str, Roi]:
+        import re  # noqa: PLC0415 - only validation needs it
+
+        for name in value:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"ROI name {name!r} must be letters, digits, '-' or '_'")
+        return value
+
+
+class ModelSettings(_Group):
+    """The model and how to run it."""
+
+    path: Path = BUNDLED_MODEL
+    """The ``.tflite`` file; its manifest ``NAME.json`` is read from beside it when present."""
+    labels: Path | None = None
+    """Labels file for a model without a manifest (default: ``labels.txt`` beside the model)."""
+    runtime: Literal["auto", "tflite_runtime", "ai_edge_litert", "tensorflow"] = "auto"
+    """TFLite runtime; auto tries tflite_runtime, then ai_edge_litert, then tensorflow."""
+    num_threads: int | None = Field(default=None, ge=1, le=64)
+    """Interpreter threads (default: the runtime's choice)."""
+    delegate: Literal["cpu", "edgetpu"] = "cpu"
+    """``cpu``, or ``edgetpu`` for a Coral (the model must be compiled for it)."""
+    device: str | None = Field(default=None, pattern=r"^(usb|pci)(:\d+)?$")
+    """Which Edge TPU: ``usb``, ``usb:0``, ``pci``, ``pci:0``; none for the first found."""
+    edgetpu_library: str | None = None
+    """The Edge TPU delegate library (default: ``libedgetpu.so.1`` on Linux)."""
+    fallback_path: Path | None = None
+    """A CPU model to run when the Edge TPU cannot be used; without one the daemon stops."""
+    colour: Literal["gray", "rgb", "bgr"] | None = None
+    """Model without a manifest: its colour order (default: gray for 1 channel, else rgb)."""
+    scale: float | None = None
+    """Model without a manifest: input = pixel * scale + offset (default: 1/255 for float or
+    quantised uint8 input, else 1)."""
+    offset: float | None = None
+    """Model without a manifest: see scale (default: 0)."""
+
+
+class InferenceSettings(_Group):
+    """Batching and what counts as a prediction."""
+
+    max_batch: int = Field(default=8, ge=1, le=256)
+    """Run a batch once this many crops are ready..."""
+    max_delay_ms: float = Field(default=20.0, ge=0, le=10_000)
+    """...or this long after the first one arrived."""
+    top_k: int = Field(default=3, ge=1, le=100)
+    """How many classes each prediction lists."""
+    threshold: float = Field(default=0.5, ge=0, le=1)
+    """Below this score the prediction's ``label`` is null."""
+
+
+class MqttSettings(_Group):
+    """The broker and how to talk to it."""
+
+    host: str = "127.0.0.1"
+    """Broker host name or address."""
+    port: int = Field(default=1883, ge=1, le=65535)
+    """Broker port."""
+    client_id: str | None = None
+    """Client id (default: ``edge-daemon-<device_id>``)."""
+    keepalive: int = Field(default=30, ge=5, le=65535)
+    """Seconds between keepalive pings."""
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    """MQTT protocol version."""
+    qos: Literal[0, 1, 2] = 1
+    """QoS of prediction messages."""
+    topic_prefix: str | None = None
+    """Topic prefix (default: ``edge/<device_id>``)."""
+    username: str | None = None
+    """Broker user name."""
+    password: SecretStr | None = None
+    """Broker password (never logged)."""
+    queue_size: int = Field(default=10_000, ge=10, le=10_000_000)
+    """Messages kept while the broker is slow or away; beyond this the oldest are dropped."""
+    stats_interval_s: float = Field(default=30.0, ge=0)
+    """Seconds between ``stats`` messages (0: none)."""
+    reconnect_min_s: float = Field(default=1.0, gt=0)
+    """Seconds before the first reconnect attempt; doubles with each failure."""
+    reconnect_max_s: float = Field(default=30.0, gt=0)
+    """Longest wait between reconnect attempts, in seconds."""
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip("/") or any(c in value for c in "+#")):
+            raise ValueError("topic prefix must be a plain topic without '+' or '#'")
+        return value.strip("/") if value is not None else None
+
+
+def sample_camera_rois() -> dict[str, str]:
+    """The regions of interest of the bundled sample clip, from its sidecar file."""
+    import json  # noqa: PLC0415
+
+    meta = json.loads(SAMPLE_CLIP.with_suffix(".json").read_text(encoding="utf-8"))
+    return dict(meta["rois"])
+
+
+def credential_files() -> dict[str, Path]:
+    """Setting files in ``$CREDENTIALS_DIRECTORY`` (systemd's ``LoadCredential=``), by name."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory or not Path(directory).is_dir():
+        return {}
+    return {
+        f.name: f
+        for f in sorted(Path(directory).iterdir())
+        if f.is_file() and f.name.upper().startswith(ENV_PREFIX)
+    }
+
+
+class CredentialsSource(EnvSettingsSource):
+    """Settings from files named like their variable (``EDGE_MQTT__PASSWORD``) in systemd's
+    credentials directory: the file's content is the value, trailing newline removed."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(
+            settings_cls,
+            case_sensitive=False,
+            env_prefix=ENV_PREFIX,
+            env_nested_delimiter=DELIMITER,
+        )
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        values: dict[str, str | None] = {}
+        for name, path in credential_files().items():
+            try:
+                values[name.lower()] = path.read_text(encoding="utf-8").rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(
+                    f"{name}: cannot read the credential file {path} ({type(exc).__name__})"
+                ) from exc
+        return values
+
+
+def _default_device_id() -> str:
+    import re  # noqa: PLC0415
+
+    name = re.sub(r"[^a-z0-9_-]", "-", socket.gethostname().lower()).strip("-")
+    return name[:64] or "edge"
+
+
+class Settings(BaseSettings):
+    """All settings of ``edge-daemon``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=DELIMITER,
+        hide_input_in_errors=True,
+        extra="forbid",
+        frozen=True,
+        use_attribute_docstrings=True,
+    )
+
+    device_id: str = Field(default_factory=_default_device_id, pattern=NAME_PATTERN)
+    """Names this device in topics and payloads (default: the host name)."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Log level."""
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    cameras: dict[str, CameraSettings] = Field(default_factory=dict)
+
+    @field_validator("cameras")
+    @classmethod
+    def _camera_names(cls, value: dict[str, CameraSettings]) -> dict[str, CameraSettings]:
+        import re  # noqa: PLC0415
+
+        for name in value:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"camera name {name!r} must be letters, digits, '-' or '_'")
+        return value
+
+    @property
+    def topic_prefix(self) -> str:
+        """Where this device's topics live."""
+        return self.mqtt.topic_prefix or f"edge/{self.device_id}"
+
+    @property
+    def client_id(self) -> str:
+        """The MQTT client id."""
+        return self.mqtt.client_id or f"edge-daemon-{self.device_id}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Explicit values, then the environment, then the dotenv file, then credentials."""
+        del file_secret_settings
+        return init_settings, env_settings, dotenv_settings, CredentialsSource(settings_cls)
+
+
+def env_name(loc: tuple[int | str, ...]) -> str:
+    """The environment variable for a field location: ``("mqtt", "port")`` -> ``EDGE_MQTT__PORT``.
+
+    Camera and ROI names are dictionary keys and keep their case; field names are upper case.
+    """
+    parts: list[str] = []
+    keyed = False
+    for part in loc:
+        text = str(part)
+        parts.append(text if keyed else text.upper())
+        keyed = text in {"cameras", "rois"} and not keyed
+    return ENV_PREFIX + DELIMITER.join(parts)
+
+
+def _known_prefixes() -> set[str]:
+    return {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+
+
+def _unknown_variables(environ: Iterable[str]) -> list[str]:
+    known = _known_prefixes()
+    unknown = []
+    for key in environ:
+        upper = key.upper()
+        if not upper.startswith(ENV_PREFIX):
+            continue
+        head = upper.split(DELIMITER)[0]
+        if head not in known:
+            unknown.append(key)
+    return sorted(unknown)
+
+
+def load_settings(env_file: Path | None = None, **overrides: Any) -> Settings:
+    """Read the settings, raising :class:`ConfigError` with one line per problem.
+
+    Sources, first wins: ``overrides``, the environment, ``env_file``, and files named like a
+    variable in ``$CREDENTIALS_DIRECTORY`` (systemd's ``LoadCredential=``). Values are never
+    echoed in errors: a wrong password must not end up in a log.
+    """
+    env = os.environ
+    problems = []
+    if env_file is not None and not env_file.is_file():
+        raise ConfigError(
+            f"env file {env_file} does not exist: give the path of a file of "
+            "EDGE_...=value lines (see config/edge-daemon.env.example)"
+        )
+    for key in _unknown_variables([*env, *credential_files()]):
+        problems.append(
+            f"{key}: unknown setting (see config/edge-daemon.env.example for the names)"
+        )
+    kwargs: dict[str, Any] = dict(overrides)
+    if env_file is not None:
+        kwargs["_env_file"] = env_file
+    try:
+        settings = Settings(**kwargs)
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False, include_input=False):
+            problems.append(f"{env_name(error['loc'])}: {_message(error)}")
+        settings = None
+    if problems:
+        raise ConfigError("; ".join(problems), problems)
+    assert settings is not None
+    return settings
+
+
+def _message(error: Any) -> str:
+    msg = str(error["msg"])
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if error["type"] == "extra_forbidden":
+        msg = "unknown setting (see config/edge-daemon.env.example for the names)"
+    if error["type"] == "missing":
+        msg = "required, but not set"
+    return msg

@@ -1,0 +1,260 @@
+"""Test helpers: a subscriber on the real broker, an MJPEG server on loopback, daemons."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import socketserver
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import cv2
+import jsonschema
+import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_daemon.pipeline import Daemon
+from edge_daemon.settings import Settings, load_settings
+
+BROKER = ("127.0.0.1", 1883)
+
+
+def schema(name: str) -> dict[str, Any]:
+    text = resources.files("edge_daemon").joinpath("schemas", name).read_text()
+    return dict(json.loads(text))
+
+
+PREDICTION = schema("prediction.v1.json")
+STATS = schema("stats.v1.json")
+
+
+def unique_prefix() -> str:
+    return f"test/{uuid.uuid4().hex[:12]}"
+
+
+@dataclass
+class Received:
+    topic: str
+    payload: bytes
+    retain: bool
+    at: float
+
+    def json(self) -> Any:
+        return json.loads(self.payload)
+
+
+@dataclass
+class Subscriber:
+    """A real MQTT client collecting what arrives under a prefix."""
+
+    host: str
+    port: int
+    prefix: str
+    messages: list[Received] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    client: mqtt.Client | None = None
+
+    def start(self) -> Subscriber:
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"test-sub-{uuid.uuid4().hex[:8]}",
+        )
+        ready = threading.Event()
+
+        def on_connect(c: mqtt.Client, u: Any, f: Any, rc: Any, p: Any) -> None:
+            c.subscribe(f"{self.prefix}/#", qos=1)
+
+        def on_subscribe(c: mqtt.Client, u: Any, mid: int, rcs: Any, p: Any) -> None:
+            ready.set()
+
+        def on_message(c: mqtt.Client, u: Any, m: mqtt.MQTTMessage) -> None:
+            with self.lock:
+                self.messages.append(Received(m.topic, m.payload, bool(m.retain), time.monotonic()))
+
+        client.on_connect = on_connect
+        client.on_subscribe = on_subscribe
+        client.on_message = on_message
+        client.connect(self.host, self.port)
+        client.loop_start()
+        assert ready.wait(10), "subscriber could not subscribe"
+        self.client = client
+        return self
+
+    def stop(self) -> None:
+        if self.client is not None:
+            self.client.loop_stop()
+            self.client.disconnect()
+
+    def topic(self, *parts: str) -> str:
+        return "/".join((self.prefix, *parts))
+
+    def on(self, *parts: str) -> list[Received]:
+        topic = self.topic(*parts)
+        with self.lock:
+            return [m for m in self.messages if m.topic == topic]
+
+    def labels(self, camera: str | None = None) -> list[dict[str, Any]]:
+        with self.lock:
+            msgs = [m for m in self.messages if m.topic.endswith("/label")]
+        out = [m.json() for m in msgs]
+        return [p for p in out if camera is None or p["camera"] == camera]
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.05)
+        return predicate()
+
+    def validate_all(self) -> int:
+        """Validate every label and stats message against the published schemas."""
+        with self.lock:
+            msgs = list(self.messages)
+        count = 0
+        for m in msgs:
+            if m.topic.endswith("/label"):
+                jsonschema.validate(m.json(), PREDICTION)
+                count += 1
+            elif m.topic.endswith("/stats"):
+                jsonschema.validate(m.json(), STATS)
+                count += 1
+        return count
+
+
+@contextlib.contextmanager
+def subscriber(prefix: str, host: str = BROKER[0], port: int = BROKER[1]) -> Iterator[Subscriber]:
+    sub = Subscriber(host, port, prefix).start()
+    try:
+        yield sub
+    finally:
+        sub.stop()
+
+
+def settings_for(prefix: str, **overrides: Any) -> Settings:
+    mqtt_cfg = {
+        "host": BROKER[0],
+        "port": BROKER[1],
+        "topic_prefix": prefix,
+        "stats_interval_s": 1.0,
+        "client_id": f"test-{uuid.uuid4().hex[:8]}",
+    }
+    mqtt_cfg.update(overrides.pop("mqtt", {}))
+    return load_settings(mqtt=mqtt_cfg, device_id="testbox", **overrides)
+
+
+@contextlib.contextmanager
+def running(daemon: Daemon) -> Iterator[Daemon]:
+    daemon.start()
+    stop = threading.Event()
+    supervisor = threading.Thread(target=daemon.run, kwargs={"stop": stop}, daemon=True)
+    supervisor.start()
+    try:
+        yield daemon
+    finally:
+        stop.set()
+        supervisor.join(5)
+        daemon.stop()
+
+
+# --- a live MJPEG stream on loopback -----------------------------------------------------------
+
+
+class MjpegServer:
+    """``multipart/x-mixed-replace`` JPEG frames over HTTP, as IP cameras serve them.
+
+    ``stop()`` closes the listener and every open connection; ``start()`` serves again on the
+    same port, so a test can kill a stream mid-run and bring it back.
+    """
+
+    def __init__(self, frames: list[np.ndarray], fps: float = 20.0, port: int = 0) -> None:
+        self.frames = [cv2.imencode(".jpg", f)[1].tobytes() for f in frames]
+        self.fps = fps
+        self.port = port
+        self._server: socketserver.ThreadingTCPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._connections: list[socket.socket] = []
+        self._alive = threading.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/stream.mjpg"
+
+    def start(self) -> MjpegServer:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                outer._connections.append(self.connection)
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                i = 0
+                try:
+                    while outer._alive.is_set():
+                        jpg = outer.frames[i % len(outer.frames)]
+                        self.wfile.write(
+                            b"--frame\r\nContent-Type: image/jpeg\r\n"
+                            + f"Content-Length: {len(jpg)}\r\n\r\n".encode()
+                            + jpg
+                            + b"\r\n"
+                        )
+                        i += 1
+                        time.sleep(1.0 / outer.fps)
+                except OSError:
+                    pass
+
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
+        server = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), Handler)
+        server.daemon_threads = True
+        self.port = server.server_address[1]
+        self._server = server
+        self._alive.set()
+        self._thread = threading.Thread(target=server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._alive.clear()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        for conn in self._connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+                conn.close()
+        self._connections.clear()
+
+
+def digit_frames(count: int = 20, size: int = 96, seed: int = 0) -> list[np.ndarray]:
+    """Frames of random noise digits-ish blobs (content does not matter for stream tests)."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(count):
+        frame = np.full((size, size, 3), 20, np.uint8)
+        cv2.circle(
+            frame, tuple(int(v) for v in rng.integers(20, size - 20, 2)), 15, (255, 255, 255), -1
+        )
+        frames.append(frame)
+    return frames
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: float = 25.0) -> Path:
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), fps, (w, h))
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+    return path
