@@ -10,7 +10,6 @@ only then), and the daemon also watches each camera from outside, since a read c
 from __future__ import annotations
 
 import logging
-import random
 import re
 import threading
 import time
@@ -22,6 +21,7 @@ from typing import Any, Literal, Protocol
 import cv2
 import numpy as np
 
+from edge_daemon.backoff import Backoff
 from edge_daemon.errors import CaptureError
 from edge_daemon.preprocess import Frame as Image
 from edge_daemon.settings import CameraSettings
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 SourceKind = Literal["device", "file", "stream", "gstreamer"]
 _STREAM = re.compile(r"^(rtsps?|https?|rtmp|udp|tcp|srt)://", re.IGNORECASE)
 _DEVICE = re.compile(r"^(\d+|/dev/video\d+)$")
+#: Failed reads in a row after which a live source counts as gone and is reopened.
+MAX_BAD_READS = 25
 
 
 class VideoSource(Protocol):
@@ -102,25 +104,6 @@ class Frame:
     number: int
     monotonic: float
     wall: float
-
-
-class Backoff:
-    """Jittered exponential backoff: each delay doubles up to ``maximum``, times 0.5..1.5."""
-
-    def __init__(self, minimum: float, maximum: float, rng: random.Random | None = None) -> None:
-        self.minimum, self.maximum = minimum, maximum
-        self._next = minimum
-        self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
-
-    def next(self) -> float:
-        """The next delay, in seconds."""
-        delay = self._next * self._rng.uniform(0.5, 1.5)
-        self._next = min(self._next * 2, self.maximum)
-        return min(delay, self.maximum)
-
-    def reset(self) -> None:
-        """Start again from the minimum (after a success)."""
-        self._next = self.minimum
 
 
 class Camera:
@@ -259,6 +242,8 @@ class Camera:
         pace = 1.0 / file_fps if is_file and self.settings.realtime and 0 < file_fps < 1000 else 0
         min_gap = 1.0 / self.settings.fps if self.settings.fps else 0.0
         counter = 0
+        failures = 0
+        last_good = time.monotonic()
         last_kept = -1e9
         next_due = time.monotonic()
         while not self._stop.is_set():
@@ -275,7 +260,19 @@ class Camera:
                 if is_file and counter > 0:
                     self._finished = True
                     return "end of file"
+                failures += 1
+                # A frame that fails to decode is skipped; only a run of failures, or none
+                # good for the read timeout, means the source is gone.
+                if (
+                    not is_file
+                    and failures < MAX_BAD_READS
+                    and now - last_good < self.settings.read_timeout_s
+                ):
+                    self._stop.wait(0.01)
+                    continue
                 return "the source stopped delivering frames"
+            failures = 0
+            last_good = now
             counter += 1
             self._backoff.reset()
             self._last_frame_at = now

@@ -96,6 +96,9 @@ def _run(args: argparse.Namespace) -> int:
         daemon.run(duration=args.duration, stop=stop)
     finally:
         daemon.stop()
+    if daemon.fatal is not None:
+        print(f"edge-daemon: error: {daemon.fatal}", file=sys.stderr)
+        return 1
     log.info("stopped")
     return 0
 

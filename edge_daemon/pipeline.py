@@ -21,7 +21,7 @@ from edge_daemon import postprocess
 from edge_daemon.batcher import Batcher, Item
 from edge_daemon.capture import Camera, Opener, open_source, redact
 from edge_daemon.engine import Engine
-from edge_daemon.errors import DelegateError
+from edge_daemon.errors import DelegateError, EdgeDaemonError
 from edge_daemon.manifest import read_labels
 from edge_daemon.preprocess import preprocess_into
 from edge_daemon.publisher import Publisher
@@ -32,8 +32,12 @@ from edge_daemon.settings import (
     Settings,
     sample_camera_rois,
 )
+from edge_daemon.systemd import Notifier
 
 log = logging.getLogger(__name__)
+
+#: Batches that fail one after another before the model is loaded again.
+MAX_CONSECUTIVE_FAILURES = 3
 
 
 def iso_utc(wall: float) -> str:
@@ -92,7 +96,12 @@ class Daemon:
     """Wires the stages together and owns their threads."""
 
     def __init__(
-        self, settings: Settings, *, opener: Opener = open_source, engine: Engine | None = None
+        self,
+        settings: Settings,
+        *,
+        opener: Opener = open_source,
+        engine: Engine | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine or load_engine(settings)
@@ -115,7 +124,13 @@ class Daemon:
         self._stop = threading.Event()
         self._inference: threading.Thread | None = None
         self._started = time.monotonic()
+        self.notifier = notifier or Notifier()
+        #: When the inference loop last went round (the watchdog pings only after progress).
         self.last_progress = time.monotonic()
+        #: Why the daemon gave up (the model could not be reloaded); None while healthy.
+        self.fatal: EdgeDaemonError | None = None
+        self._failures = 0
+        self.reloads = 0
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -139,16 +154,23 @@ class Daemon:
         )
         self._inference.start()
 
-    def stop(self, flush_timeout: float = 3.0) -> None:
-        """Stop capture, finish the batch in flight, publish ``offline``, flush, disconnect."""
+    def stop(self, flush_timeout: float = 2.5) -> None:
+        """Stop capture, finish the batch in flight, publish ``offline``, flush, disconnect.
+
+        Bounded: about a second for the threads, then ``flush_timeout`` for queued messages, so
+        the whole stop fits in systemd's and the issue's 5 seconds.
+        """
+        self.notifier.stopping()
         for camera in self.cameras:
             camera.request_stop()
         self._stop.set()
+        deadline = time.monotonic() + 1.0
         if self._inference is not None:
-            self._inference.join(5.0)
+            self._inference.join(max(0.1, deadline - time.monotonic()))
         for camera in self.cameras:
-            camera.stop(timeout=1.0)
+            camera.stop(timeout=max(0.0, deadline - time.monotonic()))
         self.publisher.stop(flush_timeout)
+        self.notifier.close()
 
     def run(self, duration: float | None = None, stop: threading.Event | None = None) -> None:
         """Supervise until ``stop`` is set, ``duration`` seconds pass, or every file ended."""
@@ -156,7 +178,12 @@ class Daemon:
         interval = self.settings.mqtt.stats_interval_s
         next_stats = time.monotonic() + interval if interval else float("inf")
         end = time.monotonic() + duration if duration else float("inf")
-        while not stop.is_set() and time.monotonic() < end:
+        ping_every = self.notifier.watchdog_s / 2 if self.notifier.watchdog_s else float("inf")
+        next_ping = time.monotonic()
+        pinged_progress = 0.0
+        next_status = time.monotonic()
+        self.notifier.ready(self.status_line())
+        while not stop.is_set() and time.monotonic() < end and self.fatal is None:
             for camera in self.cameras:
                 camera.check_stalled()
             if all(c.finished for c in self.cameras) and not self.batcher.pending():
@@ -166,6 +193,14 @@ class Daemon:
             if now >= next_stats:
                 self.publish_stats()
                 next_stats = now + interval
+            if now >= next_ping and self.last_progress > pinged_progress:
+                # Only a loop that went round since the last ping earns a new one.
+                self.notifier.watchdog()
+                pinged_progress = self.last_progress
+                next_ping = now + ping_every
+            if now >= next_status:
+                self.notifier.status(self.status_line())
+                next_status = now + 5.0
             stop.wait(0.2)
 
     # --- callbacks -------------------------------------------------------------------------
@@ -183,13 +218,13 @@ class Daemon:
 
     def _inference_loop(self) -> None:
         while True:
+            self.last_progress = time.monotonic()
             items = self.batcher.next_batch(self._stop)
             if not items:
                 if self._stop.is_set():
                     return
                 continue
             self._run_batch(items)
-            self.last_progress = time.monotonic()
 
     def _run_batch(self, items: list[Item]) -> None:
         spec = self.engine.input_spec
@@ -202,14 +237,42 @@ class Daemon:
             scores = self.engine.scores(batch)
         except Exception:
             self.stats.errors += 1
+            self._failures += 1
             log.exception("inference failed on a batch of %d; dropped it", n)
+            if self._failures >= MAX_CONSECUTIVE_FAILURES:
+                self._reload_engine()
             return
+        self._failures = 0
         inference_ms = (time.perf_counter() - started) * 1000.0
         self.stats.batches += 1
         self.stats.items += n
         self.stats.inference_ms_total += inference_ms
         self.stats.batch_sizes[n] = self.stats.batch_sizes.get(n, 0) + 1
         self._publish_predictions(items, scores, inference_ms)
+
+    def _reload_engine(self) -> None:
+        log.warning("%d batches in a row failed: reloading the model", self._failures)
+        try:
+            self.engine = load_engine(self.settings)
+        except EdgeDaemonError as exc:
+            log.error("cannot reload the model: %s; stopping so systemd restarts us", exc)  # noqa: TRY400
+            self.fatal = exc
+            self._stop.set()
+            return
+        self.reloads += 1
+        self._failures = 0
+
+    def status_line(self) -> str:
+        """A one-line status: frames per second, labels, broker state (for systemd)."""
+        uptime = max(time.monotonic() - self._started, 1e-3)
+        fps = sum(c.frames_read for c in self.cameras) / uptime
+        online = sum(c.online for c in self.cameras)
+        broker = "connected" if self.publisher.connected else "disconnected"
+        return (
+            f"{fps:.1f} frames/s from {online}/{len(self.cameras)} cameras, "
+            f"{self.stats.items} labels, broker {broker}, queue {self.publisher.queued}, "
+            f"dropped {self.publisher.dropped}"
+        )
 
     def _publish_predictions(
         self, items: list[Item], scores: postprocess.Scores, inference_ms: float

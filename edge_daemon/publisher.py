@@ -20,6 +20,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge_daemon.backoff import Backoff
 from edge_daemon.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -56,17 +57,24 @@ class Publisher:
             password = mqtt_cfg.password.get_secret_value() if mqtt_cfg.password else None
             self._client.username_pw_set(mqtt_cfg.username, password)
         self._client.will_set(self.topic("status"), b"offline", qos=1, retain=True)
-        self._client.reconnect_delay_set(
-            max(1, round(mqtt_cfg.reconnect_min_s)), max(1, round(mqtt_cfg.reconnect_max_s))
-        )
+        # paho doubles its reconnect delay without jitter; we pick each delay ourselves
+        # (jittered, doubling up to the maximum) and give paho exactly that one.
+        self._backoff = Backoff(mqtt_cfg.reconnect_min_s, mqtt_cfg.reconnect_max_s)
+        self._next_reconnect_delay()
         self._client.max_inflight_messages_set(INFLIGHT_WINDOW)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
+        self._client.on_connect_fail = self._on_connect_fail
         self._queue: collections.deque[Message] = collections.deque()
         self._cond = threading.Condition()
         self._connected = False
-        self._unacked = 0
+        #: Messages handed to paho and not yet confirmed, by message id: their QoS.
+        self._pending: dict[int, int] = {}
+        #: Confirmations that arrived before ``publish()`` returned the message id.
+        self._acked_early: set[int] = set()
+        #: After a reconnect, new messages wait (until this time) for paho to re-send the old.
+        self._drain_until = 0.0
         self._retained: dict[str, Message] = {}
         self._stop = threading.Event()
         self._sender: threading.Thread | None = None
@@ -97,12 +105,12 @@ class Publisher:
         deadline = time.monotonic() + flush_timeout
         self.publish_retained(self.topic("status"), b"offline")
         with self._cond:
-            while (self._queue or self._unacked) and self._connected:
+            while (self._queue or self._pending) and self._connected:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._cond.wait(min(remaining, 0.1))
-            left = len(self._queue) + self._unacked
+            left = len(self._queue) + len(self._pending)
         if left:
             log.warning("stopping with %d message(s) not delivered to the broker", left)
         self._stop.set()
@@ -146,12 +154,22 @@ class Publisher:
 
     # --- paho callbacks (on paho's network thread) -------------------------------------------
 
+    def _next_reconnect_delay(self) -> None:
+        delay = self._backoff.next()
+        # paho's annotation says int; its wait loop takes any number of seconds.
+        self._client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        del client, userdata
+        self._next_reconnect_delay()
+
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
     ) -> None:
         del client, userdata, flags, properties
         cfg = self.settings.mqtt
         if reason_code.is_failure:
+            self._next_reconnect_delay()
             self.last_refusal = str(reason_code)
             log.error(
                 "broker %s:%d refused the connection: %s (check EDGE_MQTT__USERNAME, "
@@ -163,10 +181,14 @@ class Publisher:
             return
         self.connects += 1
         self.last_refusal = None
+        self._backoff.reset()
         log.info("connected to broker %s:%d as %s", cfg.host, cfg.port, self.settings.client_id)
         with self._cond:
             # State first: the broker must see ``online`` and camera states before labels.
             self._connected = True
+            # paho re-sends what was unconfirmed when the connection broke, right after this
+            # callback; new messages wait for those, so every topic stays in order.
+            self._drain_until = time.monotonic() + 10.0 if self._pending else 0.0
             states = [m for t, m in self._retained.items() if t != self.topic("status")]
             self._queue.extendleft(reversed(states))
             self._queue.appendleft(Message(self.topic("status"), b"online", 1, True))
@@ -179,39 +201,47 @@ class Publisher:
         with self._cond:
             was = self._connected
             self._connected = False
-            # paho re-sends unacknowledged QoS 1/2 messages itself after reconnecting.
+            # paho re-sends unconfirmed QoS 1/2 messages itself after reconnecting; QoS 0 ones
+            # not yet written are gone.
+            self._pending = {mid: qos for mid, qos in self._pending.items() if qos > 0}
             self._cond.notify_all()
+        self._next_reconnect_delay()
         if was and not self._stop.is_set():
             log.warning("lost the broker connection (%s); reconnecting", reason_code)
 
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any
     ) -> None:
-        del client, userdata, mid, reason_code, properties
+        del client, userdata, reason_code, properties
         with self._cond:
             self.acked += 1
-            self._unacked = max(0, self._unacked - 1)
+            if self._pending.pop(mid, None) is None:
+                self._acked_early.add(mid)
             self._cond.notify_all()
 
     # --- sender thread ---------------------------------------------------------------------
 
+    def _can_send(self) -> bool:
+        """Called under the lock: connected, something queued, room in the window, and no
+        re-sent messages from before a reconnect still unconfirmed."""
+        if not (self._connected and self._queue and len(self._pending) < INFLIGHT_WINDOW):
+            return False
+        return not (self._pending and time.monotonic() < self._drain_until)
+
     def _send_loop(self) -> None:
         while not self._stop.is_set():
             with self._cond:
-                while not self._stop.is_set() and not (
-                    self._connected and self._queue and self._unacked < INFLIGHT_WINDOW
-                ):
-                    self._cond.wait(0.5)
+                while not self._stop.is_set() and not self._can_send():
+                    self._cond.wait(0.2)
                 if self._stop.is_set():
                     return
                 message = self._queue.popleft()
-                self._unacked += 1
+            # Not under our lock: paho calls on_publish holding its own, which would deadlock.
             info = self._client.publish(
                 message.topic, message.payload, qos=message.qos, retain=message.retain
             )
             if info.rc == mqtt.MQTT_ERR_NO_CONN:
                 with self._cond:
-                    self._unacked -= 1
                     self._queue.appendleft(message)
                     self._connected = False
                 continue
@@ -219,8 +249,11 @@ class Publisher:
                 log.warning(
                     "could not publish to %s: %s", message.topic, mqtt.error_string(info.rc)
                 )
-                with self._cond:
-                    self._unacked -= 1
                 continue
+            with self._cond:
+                if info.mid in self._acked_early:
+                    self._acked_early.discard(info.mid)
+                else:
+                    self._pending[info.mid] = message.qos
             # paho calls on_publish for every message: when QoS 0 is written, when 1/2 is acked.
             self.sent += 1

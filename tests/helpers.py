@@ -62,12 +62,16 @@ class Subscriber:
     messages: list[Received] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     client: mqtt.Client | None = None
+    #: A persistent session: the broker keeps QoS 1 messages for us while we are away.
+    persistent: bool = False
 
     def start(self) -> Subscriber:
         client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=f"test-sub-{uuid.uuid4().hex[:8]}",
+            clean_session=not self.persistent,
         )
+        client.reconnect_delay_set(1, 2)
         ready = threading.Event()
 
         def on_connect(c: mqtt.Client, u: Any, f: Any, rc: Any, p: Any) -> None:
@@ -132,8 +136,10 @@ class Subscriber:
 
 
 @contextlib.contextmanager
-def subscriber(prefix: str, host: str = BROKER[0], port: int = BROKER[1]) -> Iterator[Subscriber]:
-    sub = Subscriber(host, port, prefix).start()
+def subscriber(
+    prefix: str, host: str = BROKER[0], port: int = BROKER[1], persistent: bool = False
+) -> Iterator[Subscriber]:
+    sub = Subscriber(host, port, prefix, persistent=persistent).start()
     try:
         yield sub
     finally:
@@ -176,8 +182,18 @@ class MjpegServer:
     same port, so a test can kill a stream mid-run and bring it back.
     """
 
-    def __init__(self, frames: list[np.ndarray], fps: float = 20.0, port: int = 0) -> None:
+    def __init__(
+        self, frames: list[np.ndarray], fps: float = 20.0, port: int = 0, corrupt_every: int = 0
+    ) -> None:
         self.frames = [cv2.imencode(".jpg", f)[1].tobytes() for f in frames]
+        if corrupt_every:
+            # Parts that claim to be JPEG but do not decode, as a failing encoder sends them.
+            for i in range(1, len(self.frames), corrupt_every):
+                jpg = self.frames[i]
+                self.frames[i] = jpg[:20] + bytes(len(jpg) - 20)
+        #: Cleared: connections stay open but nothing is sent (a stream that stalls).
+        self.sending = threading.Event()
+        self.sending.set()
         self.fps = fps
         self.port = port
         self._server: socketserver.ThreadingTCPServer | None = None
@@ -204,6 +220,9 @@ class MjpegServer:
                 i = 0
                 try:
                     while outer._alive.is_set():
+                        if not outer.sending.is_set():
+                            time.sleep(0.05)
+                            continue
                         jpg = outer.frames[i % len(outer.frames)]
                         self.wfile.write(
                             b"--frame\r\nContent-Type: image/jpeg\r\n"
