@@ -36,8 +36,11 @@ def test_broker_outage_of_20_seconds_loses_nothing(tmp_path: Path) -> None:
     persistence = "persistence true\npersistence_location {dir}/\n"
     prefix = unique_prefix()
     with start_mosquitto(extra_config=persistence) as broker:
-        settings = settings_for(prefix, mqtt={"port": broker.port, "client_id": "outage"},
-                                cameras={"cam": CameraSettings(source=str(video), loop=False)})
+        settings = settings_for(
+            prefix,
+            mqtt={"port": broker.port, "client_id": "outage"},
+            cameras={"cam": CameraSettings(source=str(video), loop=False)},
+        )
         with subscriber(prefix, port=broker.port, persistent=True) as sub:
             daemon = Daemon(settings)
             with running(daemon):
@@ -50,8 +53,10 @@ def test_broker_outage_of_20_seconds_loses_nothing(tmp_path: Path) -> None:
                 broker.relaunch()
                 assert sub.wait_for(lambda: daemon.publisher.connected, timeout=45)
                 recovered_after = time.monotonic() - down_at - 20.0
-                print(f"outage: {queued_during_outage} labels queued, reconnected "
-                      f"{recovered_after:.1f} s after the broker returned")
+                print(
+                    f"outage: {queued_during_outage} labels queued, reconnected "
+                    f"{recovered_after:.1f} s after the broker returned"
+                )
                 # Let the rest of the file play out, then stop (which flushes).
                 assert sub.wait_for(lambda: daemon.cameras[0].finished, timeout=40)
             assert sub.wait_for(lambda: len(sub.labels()) >= daemon.stats.items, timeout=20)
@@ -61,8 +66,10 @@ def test_broker_outage_of_20_seconds_loses_nothing(tmp_path: Path) -> None:
     # QoS 1 is "at least once": a label whose acknowledgement the outage cut off is sent again
     # (flagged as a duplicate), so a consumer may see it twice, never not at all.
     first_seen = list(dict.fromkeys(frames))
-    print(f"received {len(frames)} labels for {daemon.stats.items} produced, "
-          f"{len(frames) - len(first_seen)} duplicate(s)")
+    print(
+        f"received {len(frames)} labels for {daemon.stats.items} produced, "
+        f"{len(frames) - len(first_seen)} duplicate(s)"
+    )
     assert len(first_seen) == daemon.stats.items, "labels were lost"
     assert first_seen == sorted(first_seen), "labels arrived out of order"
     assert len(frames) - len(first_seen) <= 100  # at most the unacknowledged window
@@ -72,8 +79,11 @@ def test_queue_bound_drops_the_oldest_during_an_outage(tmp_path: Path) -> None:
     video = write_video(tmp_path / "v.mp4", digit_frames(200, 48), fps=50)
     with start_mosquitto() as broker:
         prefix = unique_prefix()
-        settings = settings_for(prefix, mqtt={"port": broker.port, "queue_size": 50},
-                                cameras={"cam": CameraSettings(source=str(video), loop=False)})
+        settings = settings_for(
+            prefix,
+            mqtt={"port": broker.port, "queue_size": 50},
+            cameras={"cam": CameraSettings(source=str(video), loop=False)},
+        )
         daemon = Daemon(settings)
         with running(daemon):
             time.sleep(0.5)
@@ -91,8 +101,13 @@ def test_sigterm_stops_cleanly_within_5_seconds() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_")}
     env["EDGE_MQTT__TOPIC_PREFIX"] = prefix
     with subscriber(prefix) as sub:
-        proc = subprocess.Popen([sys.executable, "-m", "edge_daemon", "run"], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edge_daemon", "run"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             assert sub.wait_for(lambda: len(sub.labels()) >= 10, timeout=30)
             started = time.monotonic()
@@ -107,8 +122,9 @@ def test_sigterm_stops_cleanly_within_5_seconds() -> None:
         assert code == 0, stderr
         assert took < 5.0, f"took {took:.1f} s to stop"
         assert "received SIGTERM" in stderr
-        assert sub.wait_for(lambda: sub.on("status")[-1:] != []
-                            and sub.on("status")[-1].payload == b"offline")
+        assert sub.wait_for(
+            lambda: sub.on("status")[-1:] != [] and sub.on("status")[-1].payload == b"offline"
+        )
         assert sub.on("sample", "status")[-1].payload == b"offline"
 
 
@@ -154,7 +170,8 @@ def test_stream_that_stalls_or_sends_broken_frames_and_a_file_that_ends(tmp_path
                 stalling.sending.clear()
                 assert sub.wait_for(
                     lambda: [m.payload for m in sub.on("stalling", "status")][-1:] == [b"offline"],
-                    timeout=15)
+                    timeout=15,
+                )
                 count = len(sub.labels("stalling"))
                 stalling.sending.set()
                 assert sub.wait_for(lambda: len(sub.labels("stalling")) > count + 5, timeout=40)
@@ -172,8 +189,7 @@ def test_stream_that_stalls_or_sends_broken_frames_and_a_file_that_ends(tmp_path
 # --- systemd ------------------------------------------------------------------------------------
 
 
-def test_notify_ready_status_watchdog_and_pings_stop_when_inference_hangs(
-        tmp_path: Path) -> None:
+def test_notify_ready_status_watchdog_and_pings_stop_when_inference_hangs(tmp_path: Path) -> None:
     address = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(address)
@@ -238,8 +254,12 @@ def test_the_real_command_notifies_systemd(tmp_path: Path) -> None:
     sock.settimeout(20)
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_")}
     env.update({"NOTIFY_SOCKET": address, "EDGE_MQTT__TOPIC_PREFIX": unique_prefix()})
-    proc = subprocess.Popen([sys.executable, "-m", "edge_daemon", "run", "--duration", "3"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_daemon", "run", "--duration", "3"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     messages = []
     try:
         while True:
