@@ -14,6 +14,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_daemon.capture import open_source, redact
 from edge_daemon.errors import EdgeDaemonError
 from edge_daemon.pipeline import load_engine, model_summary, sample_camera
+from edge_daemon.publisher import diagnose, tls_context
 from edge_daemon.settings import CameraSettings, Settings, load_settings
 
 
@@ -57,6 +58,9 @@ def check_broker(settings: Settings, timeout: float) -> str:
         client.username_pw_set(
             cfg.username, cfg.password.get_secret_value() if cfg.password else None
         )
+    context = tls_context(settings) if cfg.use_tls else None
+    if context is not None:
+        client.tls_set_context(context)
     outcome: dict[str, str] = {}
     done = threading.Event()
 
@@ -72,8 +76,8 @@ def check_broker(settings: Settings, timeout: float) -> str:
         client.connect(cfg.host, cfg.port, keepalive=cfg.keepalive)
     except OSError as exc:
         raise EdgeDaemonError(
-            f"cannot reach broker {cfg.host}:{cfg.port}: {exc.strerror or exc}"
-            " (is it running? check EDGE_MQTT__HOST and EDGE_MQTT__PORT)"
+            f"cannot connect to broker {cfg.host}:{cfg.port}: "
+            f"{diagnose(cfg.host, cfg.port, context, timeout)}"
         ) from exc
     client.loop_start()
     try:

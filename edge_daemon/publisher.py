@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import collections
 import logging
+import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_daemon.backoff import Backoff
+from edge_daemon.errors import ConfigError
 from edge_daemon.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,42 @@ class Message:
     payload: bytes
     qos: int
     retain: bool
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    """The TLS context for the broker: verify its certificate and name unless told not to."""
+    cfg = settings.mqtt
+    try:
+        context = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
+        if cfg.cert_file and cfg.key_file:
+            context.load_cert_chain(str(cfg.cert_file), str(cfg.key_file))
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"EDGE_MQTT__CA_FILE / CERT_FILE / KEY_FILE: cannot load the TLS files "
+            f"({type(exc).__name__}: {getattr(exc, 'reason', None) or exc.strerror or exc})"
+        ) from exc
+    if cfg.tls_insecure:
+        context.check_hostname = False
+    return context
+
+
+def diagnose(host: str, port: int, context: ssl.SSLContext | None, timeout: float = 5.0) -> str:
+    """Why a connection to the broker fails: unreachable, or the TLS handshake's own reason."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            if context is None:
+                return "the broker closed the connection"
+            with context.wrap_socket(sock, server_hostname=host):
+                return "the broker closed the connection after the TLS handshake"
+    except ssl.SSLCertVerificationError as exc:
+        return (
+            f"TLS: the broker's certificate is not trusted ({exc.verify_message}): check "
+            "EDGE_MQTT__CA_FILE and that the certificate names EDGE_MQTT__HOST"
+        )
+    except ssl.SSLError as exc:
+        return f"TLS: handshake failed ({exc.reason or exc}): check the broker's TLS listener"
+    except OSError as exc:
+        return f"{exc.strerror or exc} (is the broker running? check EDGE_MQTT__HOST and PORT)"
 
 
 class Publisher:
@@ -56,6 +95,17 @@ class Publisher:
         if mqtt_cfg.username:
             password = mqtt_cfg.password.get_secret_value() if mqtt_cfg.password else None
             self._client.username_pw_set(mqtt_cfg.username, password)
+        self._tls_context = tls_context(settings) if mqtt_cfg.use_tls else None
+        if self._tls_context is not None:
+            self._client.tls_set_context(self._tls_context)
+            if mqtt_cfg.tls_insecure:
+                log.warning(
+                    "EDGE_MQTT__TLS_INSECURE is set: the broker's certificate is not "
+                    "checked against %s; anyone in between can read and change the "
+                    "traffic",
+                    mqtt_cfg.host,
+                )
+        self._last_failure = ""
         self._client.will_set(self.topic("status"), b"offline", qos=1, retain=True)
         # paho doubles its reconnect delay without jitter; we pick each delay ourselves
         # (jittered, doubling up to the maximum) and give paho exactly that one.
@@ -162,6 +212,14 @@ class Publisher:
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         del client, userdata
         self._next_reconnect_delay()
+        cfg = self.settings.mqtt
+        # paho does not say why; find out once, and say it when it changes.
+        why = diagnose(cfg.host, cfg.port, self._tls_context)
+        level = logging.DEBUG if why == self._last_failure else logging.WARNING
+        if why.startswith("TLS"):
+            level = logging.ERROR if why != self._last_failure else logging.DEBUG
+        self._last_failure = why
+        log.log(level, "cannot connect to broker %s:%d: %s; retrying", cfg.host, cfg.port, why)
 
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any

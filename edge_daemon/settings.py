@@ -190,7 +190,20 @@ class MqttSettings(_Group):
     username: str | None = None
     """Broker user name."""
     password: SecretStr | None = None
-    """Broker password (never logged)."""
+    """Broker password (never logged); or use password_file, or a systemd credential."""
+    password_file: Path | None = None
+    """A file whose first line is the broker password (when password is not set)."""
+    tls: bool = False
+    """Connect with TLS (implied by ca_file, cert_file)."""
+    ca_file: Path | None = None
+    """CA certificate(s) to verify the broker with (default: the system's)."""
+    cert_file: Path | None = None
+    """Client certificate, for brokers that require one."""
+    key_file: Path | None = None
+    """The client certificate's private key."""
+    tls_insecure: bool = False
+    """Do not check that the broker's certificate names EDGE_MQTT__HOST. Unsafe: only for
+    testing; logged as a warning."""
     queue_size: int = Field(default=10_000, ge=10, le=10_000_000)
     """Messages kept while the broker is slow or away; beyond this the oldest are dropped."""
     stats_interval_s: float = Field(default=30.0, ge=0)
@@ -199,6 +212,30 @@ class MqttSettings(_Group):
     """Seconds before the first reconnect attempt; doubles with each failure."""
     reconnect_max_s: float = Field(default=30.0, gt=0)
     """Longest wait between reconnect attempts, in seconds."""
+
+    @field_validator("password_file", "ca_file", "cert_file", "key_file")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file {value} does not exist or is not a file")
+        return value
+
+    @model_validator(mode="after")
+    def _password_and_tls(self) -> MqttSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("set both EDGE_MQTT__CERT_FILE and EDGE_MQTT__KEY_FILE, or neither")
+        if self.password is None and self.password_file is not None:
+            try:
+                first = self.password_file.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError):
+                raise ValueError(f"cannot read {self.password_file}") from None
+            object.__setattr__(self, "password", SecretStr(first[0] if first else ""))
+        return self
+
+    @property
+    def use_tls(self) -> bool:
+        """True when the connection is to use TLS."""
+        return self.tls or self.ca_file is not None or self.cert_file is not None
 
     @field_validator("topic_prefix")
     @classmethod

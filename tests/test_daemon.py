@@ -286,7 +286,7 @@ def test_env_file_and_check_command(tmp_path: Path) -> None:
     )
     assert bad.returncode == 78
     assert "problem: camera gone" in bad.stderr
-    assert "problem: broker: cannot reach broker" in bad.stderr
+    assert "problem: broker: cannot connect to broker" in bad.stderr
     missing = edge_daemon("run", "--env-file", str(tmp_path / "nope.env"))
     assert missing.returncode == 78
     assert "env file" in missing.stderr
