@@ -133,6 +133,8 @@ class Camera:
         self._online = False
         self._finished = False
         self._last_frame_at = 0.0
+        #: Paused cameras keep reading (so a resume is instant) but give no frames to batches.
+        self.paused = False
         self.frames_read = 0
         self.frames_skipped = 0
         self.reopens = 0
@@ -169,8 +171,13 @@ class Camera:
         return self._finished
 
     def has_new(self) -> bool:
-        """True when a frame arrived that has not been taken yet."""
-        return self._seq != self._taken
+        """True when a frame arrived that has not been taken yet (never while paused)."""
+        return self._seq != self._taken and not self.paused
+
+    def latest(self) -> Frame | None:
+        """The freshest frame, taken or not (for snapshots)."""
+        with self._lock:
+            return self._frame
 
     def take(self) -> Frame | None:
         """The freshest frame not taken before, or None."""

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import cv2
 import numpy as np
 
-from edge_daemon import postprocess
+from edge_daemon import control, postprocess
 from edge_daemon.batcher import Batcher, Item
 from edge_daemon.capture import Camera, Opener, open_source, redact
 from edge_daemon.engine import Engine
@@ -105,7 +106,13 @@ class Daemon:
     ) -> None:
         self.settings = settings
         self.engine = engine or load_engine(settings)
-        self.publisher = Publisher(settings)
+        self.inbox = control.Inbox() if settings.control.enabled else None
+        self.publisher = Publisher(settings, self.inbox)
+        #: The score threshold; the control topic may change it at run time.
+        self.threshold = settings.inference.threshold
+        self.commands_ok = 0
+        self.commands_rejected = 0
+        self._last_reject_log = 0.0
         cameras = settings.cameras or sample_camera()
         self.using_sample = not settings.cameras
         self.cameras = [
@@ -198,6 +205,9 @@ class Daemon:
                 self.notifier.watchdog()
                 pinged_progress = self.last_progress
                 next_ping = now + ping_every
+            if self.inbox is not None:
+                for payload in self.inbox.drain():
+                    self.handle_command(payload)
             if now >= next_status:
                 self.notifier.status(self.status_line())
                 next_status = now + 5.0
@@ -262,6 +272,60 @@ class Daemon:
         self.reloads += 1
         self._failures = 0
 
+    def handle_command(self, payload: bytes) -> None:
+        """Carry out one control message, or reject it; either way reply on ``cmd/result``."""
+        command: control.Command | None = None
+        try:
+            command = control.parse(payload, self.settings.control.max_payload_bytes)
+            self._execute(command)
+        except control.CommandError as exc:
+            self.commands_rejected += 1
+            # A flood of bad messages must not flood the log: one warning a second at most.
+            now = time.monotonic()
+            level = logging.WARNING if now - self._last_reject_log >= 1.0 else logging.DEBUG
+            if level == logging.WARNING:
+                self._last_reject_log = now
+            log.log(
+                level,
+                "rejected a control message: %s (%d rejected so far)",
+                exc,
+                self.commands_rejected,
+            )
+            reply: dict[str, object] = {"ok": False, "error": str(exc)}
+        else:
+            self.commands_ok += 1
+            log.info("control: %s done", command.cmd)
+            reply = {"ok": True, "cmd": command.cmd}
+        if command is not None and command.id is not None:
+            reply["id"] = command.id
+        self.publisher.publish(
+            self.publisher.topic("cmd", "result"), json.dumps(reply).encode(), qos=1
+        )
+
+    def _camera(self, name: str) -> Camera:
+        for camera in self.cameras:
+            if camera.name == name:
+                return camera
+        raise control.CommandError(f"camera: no camera named {name!r}")
+
+    def _execute(self, command: control.Command) -> None:
+        if isinstance(command, control.Pause | control.Resume):
+            self._camera(command.camera).paused = isinstance(command, control.Pause)
+        elif isinstance(command, control.Threshold):
+            self.threshold = command.value
+        elif isinstance(command, control.Snapshot):
+            frame = self._camera(command.camera).latest()
+            if frame is None:
+                raise control.CommandError(f"camera: {command.camera} has no frame yet")
+            ok, jpeg = cv2.imencode(".jpg", frame.image)
+            if not ok:
+                raise control.CommandError("snapshot: the frame could not be encoded")
+            self.publisher.publish(
+                self.publisher.topic(command.camera, "snapshot"), jpeg.tobytes(), qos=0
+            )
+        else:
+            self.publish_stats()
+
     def status_line(self) -> str:
         """A one-line status: frames per second, labels, broker state (for systemd)."""
         uptime = max(time.monotonic() - self._started, 1e-3)
@@ -289,7 +353,7 @@ class Daemon:
                 "roi": item.roi,
                 "frame": item.frame.number,
                 "ts": iso_utc(item.frame.wall),
-                "label": best.label if best.score >= cfg.threshold else None,
+                "label": best.label if best.score >= self.threshold else None,
                 "score": round(best.score, 6),
                 "top": [{"label": c.label, "score": round(c.score, 6)} for c in top],
                 "model": self.engine.name,

@@ -23,6 +23,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_daemon.backoff import Backoff
+from edge_daemon.control import Inbox
 from edge_daemon.errors import ConfigError
 from edge_daemon.settings import Settings
 
@@ -81,8 +82,9 @@ def diagnose(host: str, port: int, context: ssl.SSLContext | None, timeout: floa
 class Publisher:
     """An MQTT client that reconnects by itself and never blocks the caller."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, inbox: Inbox | None = None) -> None:
         self.settings = settings
+        self._inbox = inbox
         self.prefix = settings.topic_prefix
         mqtt_cfg = settings.mqtt
         self._v5 = mqtt_cfg.protocol == "5"
@@ -116,6 +118,8 @@ class Publisher:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
         self._client.on_connect_fail = self._on_connect_fail
+        if inbox is not None:
+            self._client.message_callback_add(self.topic("cmd"), self._on_command)
         self._queue: collections.deque[Message] = collections.deque()
         self._cond = threading.Condition()
         self._connected = False
@@ -251,6 +255,13 @@ class Publisher:
             self._queue.extendleft(reversed(states))
             self._queue.appendleft(Message(self.topic("status"), b"online", 1, True))
             self._cond.notify_all()
+        if self._inbox is not None:
+            self._client.subscribe(self.topic("cmd"), qos=1)
+
+    def _on_command(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        del client, userdata
+        if self._inbox is not None and not message.retain:
+            self._inbox.put(bytes(message.payload))
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any

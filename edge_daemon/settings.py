@@ -157,6 +157,16 @@ class ModelSettings(_Group):
     """Model without a manifest: see scale (default: 0)."""
 
 
+class ControlSettings(_Group):
+    """The control topic ``<prefix>/cmd``: off unless enabled."""
+
+    enabled: bool = False
+    """Accept JSON commands on <prefix>/cmd (pause, resume, threshold, snapshot, status).
+    Anyone who can publish there controls the daemon: protect it with broker ACLs."""
+    max_payload_bytes: int = Field(default=4096, ge=64, le=1_000_000)
+    """Larger command messages are rejected unread."""
+
+
 class InferenceSettings(_Group):
     """Batching and what counts as a prediction."""
 
@@ -315,6 +325,7 @@ class Settings(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    control: ControlSettings = Field(default_factory=ControlSettings)
     cameras: dict[str, CameraSettings] = Field(default_factory=dict)
 
     @field_validator("cameras")

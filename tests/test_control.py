@@ -1,0 +1,170 @@
+"""The control topic: valid commands work; thousands of bad ones never hurt the daemon."""
+
+from __future__ import annotations
+
+import json
+import time
+from importlib import resources
+
+import jsonschema
+import paho.mqtt.client as mqtt
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_daemon.control import command_schema
+from edge_daemon.pipeline import Daemon
+from tests.helpers import BROKER, running, settings_for, subscriber, unique_prefix
+
+pytestmark = pytest.mark.runtime
+
+SCHEMA = json.loads(resources.files("edge_daemon").joinpath("schemas", "cmd.v1.json").read_text())
+
+
+def test_shipped_schema_is_the_models() -> None:
+    shipped = {k: v for k, v in SCHEMA.items() if k not in {"$schema", "title"}}
+    assert shipped == command_schema()
+
+
+def publisher_client() -> mqtt.Client:
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2)
+    client.connect(*BROKER)
+    client.loop_start()
+    return client
+
+
+def test_control_is_off_by_default() -> None:
+    prefix = unique_prefix()
+    with subscriber(prefix) as sub:
+        daemon = Daemon(settings_for(prefix))
+        with running(daemon):
+            assert sub.wait_for(lambda: len(sub.labels()) >= 3)
+            client = publisher_client()
+            client.publish(
+                f"{prefix}/cmd", json.dumps({"cmd": "pause", "camera": "sample"}), qos=1
+            ).wait_for_publish(5)
+            time.sleep(1.0)
+            count = len(sub.labels())
+            assert sub.wait_for(lambda: len(sub.labels()) > count + 3)
+            client.loop_stop()
+            client.disconnect()
+        assert not sub.on("cmd", "result")
+        assert daemon.inbox is None
+
+
+def test_commands_pause_resume_threshold_snapshot_status() -> None:
+    prefix = unique_prefix()
+    with subscriber(prefix) as sub:
+        daemon = Daemon(
+            settings_for(prefix, control={"enabled": True}, mqtt={"stats_interval_s": 0})
+        )
+        client = publisher_client()
+
+        def send(**command: object) -> None:
+            jsonschema.validate(command, SCHEMA)
+            client.publish(f"{prefix}/cmd", json.dumps(command), qos=1).wait_for_publish(5)
+
+        with running(daemon):
+            assert sub.wait_for(lambda: len(sub.labels()) >= 3)
+            send(cmd="pause", camera="sample", id="p1")
+            assert sub.wait_for(
+                lambda: any(m.json().get("id") == "p1" for m in sub.on("cmd", "result"))
+            )
+            time.sleep(0.5)
+            paused_at = len(sub.labels())
+            time.sleep(1.5)
+            assert len(sub.labels()) <= paused_at + 1
+            send(cmd="resume", camera="sample")
+            assert sub.wait_for(lambda: len(sub.labels()) > paused_at + 5)
+            send(cmd="threshold", value=1.0)
+            time.sleep(1.0)
+            mark = len(sub.labels())
+            assert sub.wait_for(lambda: len(sub.labels()) > mark + 3)
+            assert all(p["label"] is None for p in sub.labels()[mark + 1 :] if p["score"] < 1.0)
+            send(cmd="snapshot", camera="sample")
+            assert sub.wait_for(lambda: bool(sub.on("sample", "snapshot")))
+            assert sub.on("sample", "snapshot")[0].payload[:2] == b"\xff\xd8"  # JPEG
+            send(cmd="status")
+            assert sub.wait_for(lambda: bool(sub.on("stats")))
+            send(cmd="pause", camera="nope", id="bad")
+            assert sub.wait_for(
+                lambda: any(m.json().get("id") == "bad" for m in sub.on("cmd", "result"))
+            )
+            bad = next(m.json() for m in sub.on("cmd", "result") if m.json().get("id") == "bad")
+            assert bad["ok"] is False
+            assert "no camera named" in bad["error"]
+        client.loop_stop()
+        client.disconnect()
+        assert sub.validate_all() > 0
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=True) | st.integers() | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+near_commands = st.fixed_dictionaries(
+    {
+        "cmd": st.sampled_from(
+            ["pause", "resume", "threshold", "snapshot", "status", "reboot", "", "PAUSE"]
+        )
+    },
+    optional={
+        "camera": json_values | st.text(max_size=100),
+        "value": json_values,
+        "id": json_values,
+        "extra": json_values,
+    },
+)
+payloads = st.one_of(
+    st.binary(max_size=300),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    near_commands.map(lambda v: json.dumps(v).encode()),
+    st.integers(5_000, 200_000).map(lambda n: b'{"cmd": "status", "id": "' + b"x" * n + b'"}'),
+    st.integers(1, 3000).map(lambda n: b"[" * n + b"]" * n),
+)
+
+
+def test_thousands_of_random_and_malformed_commands_never_hurt_the_daemon() -> None:
+    prefix = unique_prefix()
+    with subscriber(prefix) as sub:
+        daemon = Daemon(settings_for(prefix, control={"enabled": True}))
+        client = publisher_client()
+        sent = []
+
+        @settings(
+            max_examples=2000, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
+        @given(payloads)
+        def send(payload: bytes) -> None:
+            client.publish(f"{prefix}/cmd", payload, qos=0)
+            sent.append(payload)
+
+        with running(daemon):
+            assert sub.wait_for(lambda: len(sub.labels()) >= 3)
+            send()
+            client.publish(
+                f"{prefix}/cmd", b'{"cmd": "status", "id": "last"}', qos=1
+            ).wait_for_publish(10)
+            assert sub.wait_for(
+                lambda: any(m.json().get("id") == "last" for m in sub.on("cmd", "result")),
+                timeout=30,
+            )
+            count = len(sub.labels())
+            assert sub.wait_for(lambda: len(sub.labels()) > count + 5), "labels stopped"
+            assert daemon.fatal is None
+            assert all(c.online for c in daemon.cameras)
+        client.loop_stop()
+        client.disconnect()
+    assert len(sent) >= 1000
+    assert daemon.commands_rejected >= 500
+    assert daemon.inbox is not None
+    handled = daemon.commands_ok + daemon.commands_rejected
+    assert handled + daemon.inbox.dropped == daemon.inbox.received
+    print(
+        f"sent {len(sent)} random commands: {daemon.commands_ok} carried out, "
+        f"{daemon.commands_rejected} rejected, {daemon.inbox.dropped} dropped in the flood"
+    )
