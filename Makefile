@@ -10,11 +10,12 @@ MODEL_DIR := build/model
 DURATION ?=
 PYTEST_ARGS ?=
 
-.PHONY: help venv lint format test test-main test-tflite model run env-example clean
+.PHONY: help venv lint format test test-main test-tflite soak model run env-example clean
 
 help:
 	@echo "make run       run the daemon on the bundled model and sample clip (DURATION=15 stops)"
 	@echo "make test      lint, type-check and run every test, on both TFLite runtimes"
+	@echo "make soak      the soak test (SOAK_SECONDS=180; 3600 for an hour)"
 	@echo "make model     train and quantise the bundled digits model"
 	@echo "make lint      ruff and mypy --strict"
 	@echo "make format    ruff format and fix"
@@ -55,7 +56,13 @@ test-main: $(STAMP)
 test-tflite: $(TSTAMP)
 	$(TBIN)/python -m pytest -m runtime $(PYTEST_ARGS)
 
-test: lint test-main test-tflite
+SOAK_SECONDS ?= 180
+
+# Two 30 fps cameras for SOAK_SECONDS, the broker restarted twice; memory, threads, messages.
+soak: $(STAMP)
+	SOAK_SECONDS=$(SOAK_SECONDS) $(BIN)/python -m pytest -m soak -s $(PYTEST_ARGS) tests/test_soak.py
+
+test: lint test-main test-tflite soak
 
 model: $(STAMP)
 	$(BIN)/edge-convert train --dataset digits --output $(MODEL_DIR) --epochs 12

@@ -411,3 +411,59 @@ def test_usb_camera_that_disappears_and_comes_back(tmp_path: Path) -> None:
             assert sub.wait_for(lambda: len(sub.labels("usb")) > count + 5, timeout=20)
             assert [m.payload for m in sub.on("usb", "status")][-1] == b"online"
     assert daemon.cameras[0].reopens >= 1
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "truncated",
+        "not-tflite",
+        "manifest-mismatch",
+        "labels-count",
+        "broken-manifest",
+        "labels-missing",
+    ],
+)
+def test_bad_model_files_are_one_line_and_exit_78(
+    case: str, tmp_path: Path, bundled_model: Path
+) -> None:
+    model = tmp_path / "model.tflite"
+    env = {"EDGE_MODEL__PATH": str(model)}
+    data = bundled_model.read_bytes()
+    manifest = json.loads(bundled_model.with_suffix(".json").read_text())
+    if case == "truncated":
+        model.write_bytes(data[: len(data) // 3])
+    elif case == "not-tflite":
+        model.write_bytes(b"<html>404 not found</html>" * 10)
+    elif case in {"manifest-mismatch", "broken-manifest"}:
+        model.write_bytes(data)
+        if case == "manifest-mismatch":
+            manifest["input"]["height"] = 32
+            (tmp_path / "model.json").write_text(json.dumps(manifest))
+        else:
+            (tmp_path / "model.json").write_text('{"schema_version": 1, "name": ')
+    elif case in {"labels-count", "labels-missing"}:
+        model.write_bytes(data)  # no manifest: labels come from the setting
+        labels = tmp_path / "labels.txt"
+        if case == "labels-count":
+            labels.write_text("cat\ndog\n")
+        env["EDGE_MODEL__LABELS"] = str(labels)
+    proc = edge_daemon("run", "--duration", "1", env=env)
+    assert proc.returncode == 78, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("edge-daemon:")]
+    assert len(errors) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    expected = {
+        "missing": "does not exist",
+        "truncated": "cannot load",
+        "not-tflite": "not a TFLite model",
+        "manifest-mismatch": "does not fit its manifest",
+        "labels-count": "2 labels for the 10 outputs",
+        "broken-manifest": "is not valid",
+        "labels-missing": "labels file",
+    }[case]
+    if case == "truncated":  # tflite-runtime 2.14 crashes on it; the child process takes that
+        assert "cannot load" in errors[0] or "crashed loading" in errors[0], errors[0]
+    else:
+        assert expected in errors[0], errors[0]
