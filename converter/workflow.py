@@ -296,11 +296,11 @@ def _evaluate_and_publish(
                 }
             )
     manifest_path = output / f"{name}.json"
-    staging.write(manifest_path, manifest.model_dump_json(indent=2).encode("utf-8") + b"\n")
+    staging.write(manifest_path, manifest.to_bytes())
     if compiled_manifest is not None:
         staging.write(
             output / f"{name}_edgetpu.json",
-            compiled_manifest.model_dump_json(indent=2).encode("utf-8") + b"\n",
+            compiled_manifest.to_bytes(),
         )
     written = staging.commit()
     return QuantizeResult(manifest, evaluation, written, note)

@@ -6,7 +6,6 @@ committed file differs from what this module generates (``edge-daemon env-exampl
 
 from __future__ import annotations
 
-import json
 import textwrap
 from typing import Any, Literal, get_args, get_origin
 
@@ -101,8 +100,3 @@ def generate() -> str:
     lines += _fields(Settings, ENV_PREFIX)
     lines += _camera_lines()
     return "\n".join(lines) + "\n"
-
-
-def schema_json() -> str:
-    """The settings' JSON Schema (for tools that validate configuration)."""
-    return json.dumps(Settings.model_json_schema(), indent=2) + "\n"

@@ -3,13 +3,12 @@
 A manifest is the JSON file written beside a ``.tflite`` (``NAME.json``). It says how to turn a
 camera frame into the model's input (size, colour order, normalisation, quantisation) and how
 to read the output (kind, quantisation, labels), and it records what the converter measured.
-The converter writes it with :func:`write_manifest`; the daemon reads it with
+The converter writes it (:meth:`ModelManifest.to_bytes`); the daemon reads it with
 :func:`read_manifest`. This module is the one place the schema lives.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -111,6 +110,10 @@ class ModelManifest(_Frozen):
     created: str
     accuracy: AccuracyReport | None = None
 
+    def to_bytes(self) -> bytes:
+        """The manifest as the JSON file the converter writes."""
+        return self.model_dump_json(indent=2).encode("utf-8") + b"\n"
+
     @model_validator(mode="after")
     def _labels_fit_outputs(self) -> ModelManifest:
         if len(self.labels) != self.output.classes:
@@ -141,11 +144,6 @@ def read_manifest(path: Path) -> ModelManifest:
             f"model manifest {path} is not valid at {where}: {first['msg']}; "
             "re-create it with 'edge-convert quantize'"
         ) from exc
-
-
-def write_manifest(manifest: ModelManifest, path: Path) -> None:
-    """Write a manifest atomically (a temporary file in the same folder, then a rename)."""
-    write_atomic(path, manifest.model_dump_json(indent=2).encode("utf-8") + b"\n")
 
 
 def read_labels(path: Path) -> tuple[str, ...]:
@@ -186,13 +184,3 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def manifest_json_schema() -> dict[str, object]:
-    """The manifest's JSON Schema, for consumers that validate without Python."""
-    return ModelManifest.model_json_schema()
-
-
-def dump_schema(path: Path) -> None:
-    """Write the manifest's JSON Schema to ``path``."""
-    write_atomic(path, (json.dumps(manifest_json_schema(), indent=2) + "\n").encode("utf-8"))
