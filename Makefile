@@ -60,7 +60,8 @@ SOAK_SECONDS ?= 180
 
 # Two 30 fps cameras for SOAK_SECONDS, the broker restarted twice; memory, threads, messages.
 soak: $(STAMP)
-	SOAK_SECONDS=$(SOAK_SECONDS) $(BIN)/python -m pytest -m soak -s $(PYTEST_ARGS) tests/test_soak.py
+	SOAK_SECONDS=$(SOAK_SECONDS) $(BIN)/python -m pytest -m soak -s --timeout=$$(( $(SOAK_SECONDS) + 600 )) \
+	    $(PYTEST_ARGS) tests/test_soak.py
 
 test: lint test-main test-tflite soak
 
