@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edge_daemon.errors import DelegateError, ModelError
+from edge_daemon.flatbuffer import FlatbufferError, check_tflite
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ _MODULES: dict[str, str] = {
     "tensorflow": "tensorflow.lite",
 }
 _AUTO_ORDER = ("tflite_runtime", "ai_edge_litert", "tensorflow")
+#: Files up to this size are checked structurally before a runtime reads them.
+_CHECK_LIMIT = 512 * 1024 * 1024
 
 _INSTALL_HINT = (
     "install a TFLite runtime: 'pip install ai-edge-litert' (x86_64, aarch64) or "
@@ -162,14 +165,22 @@ def make_interpreter(
         )
     try:
         with model_path.open("rb") as handle:
-            head = handle.read(8)
+            data = handle.read(_CHECK_LIMIT)
     except OSError as exc:
         raise ModelError(f"cannot read model file {model_path}: {exc.strerror}") from exc
-    if head[4:8] != b"TFL3":
+    if data[4:8] != b"TFL3":
         raise ModelError(
             f"{model_path} is not a TFLite model (no TFL3 identifier): convert "
             "it with 'edge-convert quantize MODEL'"
         )
+    if len(data) < _CHECK_LIMIT:
+        try:
+            check_tflite(data)
+        except FlatbufferError as exc:
+            raise ModelError(
+                f"{model_path} is truncated or corrupt ({exc}): copy it again or re-convert it "
+                "with 'edge-convert quantize'"
+            ) from exc
     if verify and not delegates:
         _probe_load(model_path, runtime)
     try:
