@@ -13,10 +13,11 @@ Names are case-insensitive (the environment is read that way) and used in lower 
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -42,6 +43,15 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 BUNDLED_MODEL = PACKAGE_DIR / "models" / "digits.tflite"
 SAMPLE_CLIP = PACKAGE_DIR / "samples" / "digits.mp4"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+_T = TypeVar("_T")
+
+
+def _check_names(value: dict[str, _T], kind: str) -> dict[str, _T]:
+    """Camera and ROI names end up in topics: letters, digits, '-' and '_' only."""
+    for name in value:
+        if not re.match(NAME_PATTERN, name):
+            raise ValueError(f"{kind} name {name!r} must be letters, digits, '-' or '_'")
+    return value
 
 
 class _Group(BaseModel):
@@ -121,12 +131,7 @@ class CameraSettings(_Group):
     @field_validator("rois")
     @classmethod
     def _roi_names(cls, value: dict[str, Roi]) -> dict[str, Roi]:
-        import re  # noqa: PLC0415 - only validation needs it
-
-        for name in value:
-            if not re.match(NAME_PATTERN, name):
-                raise ValueError(f"ROI name {name!r} must be letters, digits, '-' or '_'")
-        return value
+        return _check_names(value, "ROI")
 
 
 class ModelSettings(_Group):
@@ -300,8 +305,6 @@ class CredentialsSource(EnvSettingsSource):
 
 
 def _default_device_id() -> str:
-    import re  # noqa: PLC0415
-
     name = re.sub(r"[^a-z0-9_-]", "-", socket.gethostname().lower()).strip("-")
     return name[:64] or "edge"
 
@@ -331,12 +334,7 @@ class Settings(BaseSettings):
     @field_validator("cameras")
     @classmethod
     def _camera_names(cls, value: dict[str, CameraSettings]) -> dict[str, CameraSettings]:
-        import re  # noqa: PLC0415
-
-        for name in value:
-            if not re.match(NAME_PATTERN, name):
-                raise ValueError(f"camera name {name!r} must be letters, digits, '-' or '_'")
-        return value
+        return _check_names(value, "camera")
 
     @property
     def topic_prefix(self) -> str:
