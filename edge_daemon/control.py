@@ -10,6 +10,9 @@ Commands (JSON Schema: ``schemas/cmd.v1.json``)::
 
 An optional ``"id"`` is echoed in the reply on ``<prefix>/cmd/result``. Anything else is
 rejected with a warning and a reply saying why; nothing a message says can stop the daemon.
+A flood of bad messages is not echoed back as a flood of replies: rejections are answered at
+most ``REJECT_REPLIES_PER_S`` a second (after a burst of ``REJECT_REPLY_BURST``), the rest are
+only counted.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import collections
 import json
 import logging
 import threading
+import time
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -122,3 +127,31 @@ class Inbox:
             items = list(self._queue)
             self._queue.clear()
         return items
+
+
+#: Rejections answered on ``cmd/result`` per second, after a first burst; the rest are counted.
+REJECT_REPLIES_PER_S = 5.0
+REJECT_REPLY_BURST = 20
+
+
+class RateLimit:
+    """A token bucket: ``allow()`` is true at most ``rate`` times a second, after ``burst``."""
+
+    def __init__(
+        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._clock = clock
+        self._last = clock()
+
+    def allow(self) -> bool:
+        """Take a token if there is one."""
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False

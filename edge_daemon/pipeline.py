@@ -112,7 +112,12 @@ class Daemon:
         self.threshold = settings.inference.threshold
         self.commands_ok = 0
         self.commands_rejected = 0
-        self._last_reject_log = 0.0
+        #: Rejected messages not answered on ``cmd/result`` because of a flood.
+        self.commands_unanswered = 0
+        self._reject_log = control.RateLimit(rate=1.0, burst=1)
+        self._reject_reply = control.RateLimit(
+            control.REJECT_REPLIES_PER_S, control.REJECT_REPLY_BURST
+        )
         cameras = settings.cameras or sample_camera()
         self.using_sample = not settings.cameras
         self.cameras = [
@@ -273,24 +278,23 @@ class Daemon:
         self._failures = 0
 
     def handle_command(self, payload: bytes) -> None:
-        """Carry out one control message, or reject it; either way reply on ``cmd/result``."""
+        """Carry out one control message, or reject it; reply on ``cmd/result``."""
         command: control.Command | None = None
         try:
             command = control.parse(payload, self.settings.control.max_payload_bytes)
             self._execute(command)
         except control.CommandError as exc:
             self.commands_rejected += 1
-            # A flood of bad messages must not flood the log: one warning a second at most.
-            now = time.monotonic()
-            level = logging.WARNING if now - self._last_reject_log >= 1.0 else logging.DEBUG
-            if level == logging.WARNING:
-                self._last_reject_log = now
+            # A flood of bad messages must flood neither the log nor the broker.
             log.log(
-                level,
+                logging.WARNING if self._reject_log.allow() else logging.DEBUG,
                 "rejected a control message: %s (%d rejected so far)",
                 exc,
                 self.commands_rejected,
             )
+            if not self._reject_reply.allow():
+                self.commands_unanswered += 1
+                return
             reply: dict[str, object] = {"ok": False, "error": str(exc)}
         else:
             self.commands_ok += 1
@@ -372,7 +376,7 @@ class Daemon:
         """The ``stats`` message."""
         uptime = time.monotonic() - self._started
         s = self.stats
-        return {
+        payload: dict[str, object] = {
             "v": 1,
             "device": self.settings.device_id,
             "ts": iso_utc(time.time()),
@@ -405,6 +409,14 @@ class Daemon:
                 "dropped": self.publisher.dropped,
             },
         }
+        if self.inbox is not None:
+            payload["control"] = {
+                "ok": self.commands_ok,
+                "rejected": self.commands_rejected,
+                "unanswered": self.commands_unanswered,
+                "dropped": self.inbox.dropped,
+            }
+        return payload
 
     def publish_stats(self) -> None:
         """Publish the ``stats`` message (QoS 0: the next one supersedes it)."""

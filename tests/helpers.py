@@ -64,6 +64,8 @@ class Subscriber:
     client: mqtt.Client | None = None
     #: A persistent session: the broker keeps QoS 1 messages for us while we are away.
     persistent: bool = False
+    #: Topic filters under the prefix.
+    topics: tuple[str, ...] = ("#",)
 
     def start(self) -> Subscriber:
         client = mqtt.Client(
@@ -75,7 +77,7 @@ class Subscriber:
         ready = threading.Event()
 
         def on_connect(c: mqtt.Client, u: Any, f: Any, rc: Any, p: Any) -> None:
-            c.subscribe(f"{self.prefix}/#", qos=1)
+            c.subscribe([(f"{self.prefix}/{t}", 1) for t in self.topics])
 
         def on_subscribe(c: mqtt.Client, u: Any, mid: int, rcs: Any, p: Any) -> None:
             ready.set()
@@ -137,9 +139,13 @@ class Subscriber:
 
 @contextlib.contextmanager
 def subscriber(
-    prefix: str, host: str = BROKER[0], port: int = BROKER[1], persistent: bool = False
+    prefix: str,
+    host: str = BROKER[0],
+    port: int = BROKER[1],
+    persistent: bool = False,
+    topics: tuple[str, ...] = ("#",),
 ) -> Iterator[Subscriber]:
-    sub = Subscriber(host, port, prefix, persistent=persistent).start()
+    sub = Subscriber(host, port, prefix, persistent=persistent, topics=topics).start()
     try:
         yield sub
     finally:

@@ -13,7 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_daemon.control import command_schema
+from edge_daemon.control import (
+    REJECT_REPLIES_PER_S,
+    REJECT_REPLY_BURST,
+    RateLimit,
+    command_schema,
+)
 from edge_daemon.pipeline import Daemon
 from tests.helpers import BROKER, running, settings_for, subscriber, unique_prefix
 
@@ -130,7 +135,9 @@ payloads = st.one_of(
 
 def test_thousands_of_random_and_malformed_commands_never_hurt_the_daemon() -> None:
     prefix = unique_prefix()
-    with subscriber(prefix) as sub:
+    # Not the flood itself (``cmd``): only what the daemon publishes.
+    topics = ("status", "stats", "cmd/result", "+/status", "+/+/label")
+    with subscriber(prefix, topics=topics) as sub:
         daemon = Daemon(settings_for(prefix, control={"enabled": True}))
         client = publisher_client()
         sent = []
@@ -145,6 +152,7 @@ def test_thousands_of_random_and_malformed_commands_never_hurt_the_daemon() -> N
 
         with running(daemon):
             assert sub.wait_for(lambda: len(sub.labels()) >= 3)
+            flood_started = time.monotonic()
             send()
             client.publish(
                 f"{prefix}/cmd", b'{"cmd": "status", "id": "last"}', qos=1
@@ -153,10 +161,17 @@ def test_thousands_of_random_and_malformed_commands_never_hurt_the_daemon() -> N
                 lambda: any(m.json().get("id") == "last" for m in sub.on("cmd", "result")),
                 timeout=30,
             )
+            flood_s = time.monotonic() - flood_started
             count = len(sub.labels())
             assert sub.wait_for(lambda: len(sub.labels()) > count + 5), "labels stopped"
             assert daemon.fatal is None
             assert all(c.online for c in daemon.cameras)
+            assert sub.wait_for(
+                lambda: any(
+                    m.json().get("control", {}).get("rejected") == daemon.commands_rejected
+                    for m in sub.on("stats")
+                )
+            )
         client.loop_stop()
         client.disconnect()
     assert len(sent) >= 1000
@@ -164,7 +179,27 @@ def test_thousands_of_random_and_malformed_commands_never_hurt_the_daemon() -> N
     assert daemon.inbox is not None
     handled = daemon.commands_ok + daemon.commands_rejected
     assert handled + daemon.inbox.dropped == daemon.inbox.received
+    # Bad messages are not echoed back one for one: replies to rejections are rate-limited.
+    refusals = [m for m in sub.on("cmd", "result") if m.json()["ok"] is False]
+    allowed = REJECT_REPLY_BURST + REJECT_REPLIES_PER_S * (flood_s + 1.0)
+    assert len(refusals) <= allowed
+    assert len(refusals) + daemon.commands_unanswered == daemon.commands_rejected
+    assert sub.validate_all() > 0
     print(
-        f"sent {len(sent)} random commands: {daemon.commands_ok} carried out, "
-        f"{daemon.commands_rejected} rejected, {daemon.inbox.dropped} dropped in the flood"
+        f"sent {len(sent)} random commands in {flood_s:.1f} s: {daemon.commands_ok} carried out, "
+        f"{daemon.commands_rejected} rejected ({len(refusals)} answered), "
+        f"{daemon.inbox.dropped} dropped in the flood"
     )
+
+
+def test_rate_limit_allows_a_burst_then_the_rate() -> None:
+    now = [0.0]
+    limit = RateLimit(rate=2.0, burst=3, clock=lambda: now[0])
+    assert [limit.allow() for _ in range(5)] == [True, True, True, False, False]
+    now[0] = 0.49
+    assert not limit.allow()
+    now[0] = 0.5
+    assert limit.allow()
+    assert not limit.allow()
+    now[0] = 100.0  # a long quiet spell refills only up to the burst
+    assert sum(limit.allow() for _ in range(10)) == 3
