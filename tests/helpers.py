@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import socketserver
+import subprocess
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from importlib import resources
@@ -283,3 +286,40 @@ def write_video(path: Path, frames: list[np.ndarray], fps: float = 25.0) -> Path
         writer.write(frame)
     writer.release()
     return path
+
+
+# --- the daemon as a process -----------------------------------------------------------------
+
+
+def daemon_env(**variables: str) -> dict[str, str]:
+    """This process's environment without any ``EDGE_`` variable, plus ``variables``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_")}
+    env.update(variables)
+    return env
+
+
+def run_daemon(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``python -m edge_daemon ARGS`` to the end, with ``env`` over :func:`daemon_env`."""
+    return subprocess.run(
+        [sys.executable, "-m", "edge_daemon", *args],
+        capture_output=True,
+        text=True,
+        env=daemon_env(**(env or {})),
+        timeout=timeout,
+        check=False,
+    )
+
+
+def spawn_daemon(
+    *args: str, env: Mapping[str, str], stdout: int | None = subprocess.PIPE
+) -> subprocess.Popen[str]:
+    """``python -m edge_daemon ARGS`` in the background (stderr piped), ``env`` as above."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "edge_daemon", *args],
+        env=daemon_env(**env),
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+    )

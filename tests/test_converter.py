@@ -237,6 +237,19 @@ def fake_compiler(folder: Path, table: list[str], subgraphs: int = 1) -> Path:
     return folder
 
 
+def edgetpu_args(zoo: Zoo, out: Path) -> list[str]:
+    """``quantize --edgetpu`` of the zoo's small model into ``out``."""
+    return [
+        "quantize",
+        str(zoo.root / "small.keras"),
+        "--edgetpu",
+        "--output",
+        str(out),
+        "--calibration-samples",
+        "50",
+    ]
+
+
 def test_edgetpu_compile_writes_compiled_model_and_manifest(
     zoo: Zoo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -250,16 +263,7 @@ def test_edgetpu_compile_writes_compiled_model_and_manifest(
     )
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     out = tmp_path / "out"
-    code, _, err = run_cli(
-        capsys,
-        "quantize",
-        str(zoo.root / "small.keras"),
-        "--edgetpu",
-        "--output",
-        str(out),
-        "--calibration-samples",
-        "50",
-    )
+    code, _, err = run_cli(capsys, *edgetpu_args(zoo, out))
     assert code == 0, err
     assert {"small.tflite", "small.json", "small_edgetpu.tflite", "small_edgetpu.json"} <= files(
         out
@@ -285,15 +289,7 @@ def test_edgetpu_compile_fails_when_ops_stay_on_the_cpu(
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     out = tmp_path / "out"
     out.mkdir()
-    args = [
-        "quantize",
-        str(zoo.root / "small.keras"),
-        "--edgetpu",
-        "--output",
-        str(out),
-        "--calibration-samples",
-        "50",
-    ]
+    args = edgetpu_args(zoo, out)
     code, _, err = run_cli(capsys, *args)
     assert code == 3
     assert "SOFTMAX x1" in err
@@ -308,16 +304,7 @@ def test_edgetpu_without_compiler_says_how_to_get_it(
     zoo: Zoo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # no edgetpu_compiler anywhere
-    code, _, err = run_cli(
-        capsys,
-        "quantize",
-        str(zoo.root / "small.keras"),
-        "--edgetpu",
-        "--output",
-        str(tmp_path / "out"),
-        "--calibration-samples",
-        "50",
-    )
+    code, _, err = run_cli(capsys, *edgetpu_args(zoo, tmp_path / "out"))
     assert code == 0
     assert "apt-get install edgetpu-compiler" in err
     assert f"edgetpu_compiler -s -o {tmp_path / 'out'} {tmp_path / 'out' / 'small.tflite'}" in err

@@ -19,6 +19,7 @@ from tests.conftest import Zoo
 from tests.helpers import (
     MjpegServer,
     digit_frames,
+    run_daemon,
     running,
     settings_for,
     subscriber,
@@ -206,23 +207,6 @@ def test_queue_drops_the_oldest_and_counts_while_the_broker_is_away() -> None:
 # --- the command line ---------------------------------------------------------------------------
 
 
-def edge_daemon(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    import os
-
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_")}
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "edge_daemon", *args],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=timeout,
-        check=False,
-    )
-
-
 @pytest.mark.parametrize(
     ("variable", "value", "needle"),
     [
@@ -243,7 +227,7 @@ def test_bad_setting_is_one_clear_line_and_exit_78(variable: str, value: str, ne
     env = {variable: value}
     if variable.startswith("EDGE_CAMERAS__door") and not variable.endswith("SOURCE"):
         env["EDGE_CAMERAS__door__SOURCE"] = "rtsp://127.0.0.1:1/none"
-    proc = edge_daemon("run", "--duration", "1", env=env)
+    proc = run_daemon("run", "--duration", "1", env=env)
     assert proc.returncode == 78, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("edge-daemon:")]
     assert len(errors) == 1, proc.stderr
@@ -256,10 +240,10 @@ def test_bad_setting_is_one_clear_line_and_exit_78(variable: str, value: str, ne
 
 
 def test_camera_without_source_and_missing_model(tmp_path: Path) -> None:
-    proc = edge_daemon("run", env={"EDGE_CAMERAS__door__FPS": "5"})
+    proc = run_daemon("run", env={"EDGE_CAMERAS__door__FPS": "5"})
     assert proc.returncode == 78
     assert "EDGE_CAMERAS__door__SOURCE: required, but not set" in proc.stderr
-    proc = edge_daemon("run", env={"EDGE_MODEL__PATH": str(tmp_path / "none.tflite")})
+    proc = run_daemon("run", env={"EDGE_MODEL__PATH": str(tmp_path / "none.tflite")})
     assert proc.returncode == 78
     assert proc.stderr.strip().splitlines()[-1].startswith("edge-daemon: error: model file")
 
@@ -270,13 +254,13 @@ def test_env_file_and_check_command(tmp_path: Path) -> None:
         f"EDGE_MQTT__TOPIC_PREFIX={unique_prefix()}\n"
         "EDGE_MQTT__PASSWORD=hunter2-secret\nEDGE_MQTT__USERNAME=cam\n"
     )
-    proc = edge_daemon("check", "--env-file", str(env_file))
+    proc = run_daemon("check", "--env-file", str(env_file))
     assert proc.returncode == 0, proc.stderr
     assert "model: ok" in proc.stdout
     assert "camera sample: ok" in proc.stdout
     assert "broker: ok" in proc.stdout
     assert "hunter2-secret" not in proc.stdout + proc.stderr
-    bad = edge_daemon(
+    bad = run_daemon(
         "check",
         env={
             "EDGE_MQTT__PORT": str(free_port()),
@@ -287,7 +271,7 @@ def test_env_file_and_check_command(tmp_path: Path) -> None:
     assert bad.returncode == 78
     assert "problem: camera gone" in bad.stderr
     assert "problem: broker: cannot connect to broker" in bad.stderr
-    missing = edge_daemon("run", "--env-file", str(tmp_path / "nope.env"))
+    missing = run_daemon("run", "--env-file", str(tmp_path / "nope.env"))
     assert missing.returncode == 78
     assert "env file" in missing.stderr
 
@@ -312,7 +296,7 @@ def test_env_example_is_up_to_date() -> None:
 def test_run_for_a_duration_and_exit_zero() -> None:
     prefix = unique_prefix()
     with subscriber(prefix) as sub:
-        proc = edge_daemon("run", "--duration", "3", env={"EDGE_MQTT__TOPIC_PREFIX": prefix})
+        proc = run_daemon("run", "--duration", "3", env={"EDGE_MQTT__TOPIC_PREFIX": prefix})
         assert proc.returncode == 0, proc.stderr
         assert "no camera configured" in proc.stderr
         assert "EDGE_CAMERAS__<name>__SOURCE" in proc.stderr
@@ -449,7 +433,7 @@ def test_bad_model_files_are_one_line_and_exit_78(
         if case == "labels-count":
             labels.write_text("cat\ndog\n")
         env["EDGE_MODEL__LABELS"] = str(labels)
-    proc = edge_daemon("run", "--duration", "1", env=env)
+    proc = run_daemon("run", "--duration", "1", env=env)
     assert proc.returncode == 78, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("edge-daemon:")]
     assert len(errors) == 1, proc.stderr

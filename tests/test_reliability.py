@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +20,7 @@ from tests.helpers import (
     digit_frames,
     running,
     settings_for,
+    spawn_daemon,
     subscriber,
     unique_prefix,
     write_video,
@@ -98,16 +97,8 @@ def test_queue_bound_drops_the_oldest_during_an_outage(tmp_path: Path) -> None:
 
 def test_sigterm_stops_cleanly_within_5_seconds() -> None:
     prefix = unique_prefix()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_")}
-    env["EDGE_MQTT__TOPIC_PREFIX"] = prefix
     with subscriber(prefix) as sub:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "edge_daemon", "run"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = spawn_daemon("run", env={"EDGE_MQTT__TOPIC_PREFIX": prefix})
         try:
             assert sub.wait_for(lambda: len(sub.labels()) >= 10, timeout=30)
             started = time.monotonic()
@@ -252,13 +243,12 @@ def test_the_real_command_notifies_systemd(tmp_path: Path) -> None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(address)
     sock.settimeout(20)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_")}
-    env.update({"NOTIFY_SOCKET": address, "EDGE_MQTT__TOPIC_PREFIX": unique_prefix()})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edge_daemon", "run", "--duration", "3"],
-        env=env,
+    proc = spawn_daemon(
+        "run",
+        "--duration",
+        "3",
+        env={"NOTIFY_SOCKET": address, "EDGE_MQTT__TOPIC_PREFIX": unique_prefix()},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
     )
     messages = []
     try:
@@ -268,7 +258,8 @@ def test_the_real_command_notifies_systemd(tmp_path: Path) -> None:
             if "STOPPING=1" in text:
                 break
     finally:
-        assert proc.wait(15) == 0
+        _, stderr = proc.communicate(timeout=15)
         sock.close()
+    assert proc.returncode == 0, stderr
     assert messages[0].startswith("READY=1")
     assert f"MAINPID={proc.pid}" in messages[0]

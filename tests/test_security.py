@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +12,7 @@ import pytest
 
 from edge_daemon.broker import PrivateBroker, start_mosquitto
 from edge_daemon.pipeline import Daemon
-from tests.helpers import running, settings_for, subscriber, unique_prefix
+from tests.helpers import run_daemon, running, settings_for, subscriber, unique_prefix
 
 pytestmark = pytest.mark.runtime
 
@@ -228,41 +226,24 @@ def test_secrets_never_appear_in_logs_errors_check_or_messages(
     tls_broker: PrivateBroker, pki: Pki
 ) -> None:
     prefix = unique_prefix()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_")}
-    env.update(
-        {
-            "EDGE_MQTT__HOST": "localhost",
-            "EDGE_MQTT__PORT": str(tls_broker.port),
-            "EDGE_MQTT__CA_FILE": str(pki.ca),
-            "EDGE_MQTT__CERT_FILE": str(pki.client_cert),
-            "EDGE_MQTT__KEY_FILE": str(pki.client_key),
-            "EDGE_MQTT__USERNAME": USER,
-            "EDGE_MQTT__PASSWORD": SECRET,
-            "EDGE_MQTT__TOPIC_PREFIX": prefix,
-            "EDGE_CAMERAS__door__SOURCE": f"rtsp://admin:{SECRET}@127.0.0.1:9/stream",
-            "EDGE_CAMERAS__door__OPEN_TIMEOUT_S": "1",
-        }
-    )
+    env = {
+        "EDGE_MQTT__HOST": "localhost",
+        "EDGE_MQTT__PORT": str(tls_broker.port),
+        "EDGE_MQTT__CA_FILE": str(pki.ca),
+        "EDGE_MQTT__CERT_FILE": str(pki.client_cert),
+        "EDGE_MQTT__KEY_FILE": str(pki.client_key),
+        "EDGE_MQTT__USERNAME": USER,
+        "EDGE_MQTT__PASSWORD": SECRET,
+        "EDGE_MQTT__TOPIC_PREFIX": prefix,
+        "EDGE_CAMERAS__door__SOURCE": f"rtsp://admin:{SECRET}@127.0.0.1:9/stream",
+        "EDGE_CAMERAS__door__OPEN_TIMEOUT_S": "1",
+    }
     outputs = []
     for args in (["check", "--timeout", "3"], ["--debug", "run", "--duration", "3"]):
-        proc = subprocess.run(
-            [sys.executable, "-m", "edge_daemon", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        proc = run_daemon(*args, env=env)
         outputs.append(proc.stdout + proc.stderr)
     bad = {**env, "EDGE_MQTT__PORT": SECRET}  # a secret pasted into the wrong variable
-    proc = subprocess.run(
-        [sys.executable, "-m", "edge_daemon", "run"],
-        env=bad,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = run_daemon("run", env=bad)
     assert proc.returncode == 78
     outputs.append(proc.stdout + proc.stderr)
     everything = "\n".join(outputs)

@@ -11,7 +11,6 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,14 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_daemon.broker import start_mosquitto
-from tests.helpers import MjpegServer, digit_frames, subscriber, unique_prefix, write_video
+from tests.helpers import (
+    MjpegServer,
+    digit_frames,
+    spawn_daemon,
+    subscriber,
+    unique_prefix,
+    write_video,
+)
 
 pytestmark = pytest.mark.soak
 
@@ -44,29 +50,20 @@ def test_soak_two_cameras_broker_restarted_twice(tmp_path: Path) -> None:
     stream = MjpegServer(digit_frames(60, 160, seed=9), fps=30).start()
     prefix = unique_prefix()
     broker = start_mosquitto(extra_config="persistence true\npersistence_location {dir}/\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_")}
-    env.update(
-        {
-            "EDGE_MQTT__PORT": str(broker.port),
-            "EDGE_MQTT__TOPIC_PREFIX": prefix,
-            "EDGE_MQTT__CLIENT_ID": f"soak-{prefix[-6:]}",
-            "EDGE_MQTT__RECONNECT_MAX_S": "5",
-            "EDGE_MQTT__STATS_INTERVAL_S": "10",
-            "EDGE_CONTROL__ENABLED": "true",
-            "EDGE_CAMERAS__file__SOURCE": str(video),
-            "EDGE_CAMERAS__stream__SOURCE": stream.url,
-            "EDGE_CAMERAS__stream__READ_TIMEOUT_S": "3",
-        }
-    )
+    env = {
+        "EDGE_MQTT__PORT": str(broker.port),
+        "EDGE_MQTT__TOPIC_PREFIX": prefix,
+        "EDGE_MQTT__CLIENT_ID": f"soak-{prefix[-6:]}",
+        "EDGE_MQTT__RECONNECT_MAX_S": "5",
+        "EDGE_MQTT__STATS_INTERVAL_S": "10",
+        "EDGE_CONTROL__ENABLED": "true",
+        "EDGE_CAMERAS__file__SOURCE": str(video),
+        "EDGE_CAMERAS__stream__SOURCE": stream.url,
+        "EDGE_CAMERAS__stream__READ_TIMEOUT_S": "3",
+    }
     samples: list[tuple[float, int, int]] = []
     with subscriber(prefix, port=broker.port, persistent=True) as sub:
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "edge_daemon", "run"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        daemon = spawn_daemon("run", env=env, stdout=subprocess.DEVNULL)
         try:
             started = time.monotonic()
             restarts = [started + seconds * 0.4, started + seconds * 0.7]
