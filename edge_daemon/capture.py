@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from edge_daemon.backoff import Backoff
-from edge_daemon.errors import CaptureError
+from edge_daemon.errors import CaptureError, ConfigError
 from edge_daemon.preprocess import Frame as Image
 from edge_daemon.settings import CameraSettings
 
@@ -64,6 +64,26 @@ def redact(source: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@/]+@", r"\1***@", source)
 
 
+_NO_GSTREAMER = (
+    "this OpenCV is built without GStreamer (the opencv-python-headless wheel from PyPI is), "
+    "so a pipeline cannot be opened: give an rtsp:// or http:// URL or a device instead, or "
+    "run the daemon on an OpenCV built with GStreamer"
+)
+
+
+def require_backends(cameras: dict[str, CameraSettings]) -> None:
+    """Refuse, naming each variable, sources that this OpenCV build can never open."""
+    if cv2.videoio_registry.hasBackend(cv2.CAP_GSTREAMER):
+        return
+    problems = [
+        f"EDGE_CAMERAS__{name}__SOURCE: {_NO_GSTREAMER}"
+        for name, camera in cameras.items()
+        if source_kind(camera.source) == "gstreamer"
+    ]
+    if problems:
+        raise ConfigError(problems[0], problems)
+
+
 def open_source(settings: CameraSettings) -> VideoSource:
     """Open a source with OpenCV, passing timeouts and hints where the backend takes them."""
     source = settings.source.strip()
@@ -82,6 +102,8 @@ def open_source(settings: CameraSettings) -> VideoSource:
         if settings.fps:
             capture.set(cv2.CAP_PROP_FPS, settings.fps)
     elif kind == "gstreamer":
+        if not cv2.videoio_registry.hasBackend(cv2.CAP_GSTREAMER):
+            raise CaptureError(_NO_GSTREAMER)
         capture = cv2.VideoCapture(source, cv2.CAP_GSTREAMER)
     elif kind == "stream":
         capture = cv2.VideoCapture(source, cv2.CAP_FFMPEG, timeouts)

@@ -20,7 +20,7 @@ import numpy as np
 
 from edge_daemon import control, postprocess
 from edge_daemon.batcher import Batcher, Item
-from edge_daemon.capture import Camera, Opener, open_source, redact
+from edge_daemon.capture import Camera, Opener, open_source, redact, require_backends
 from edge_daemon.engine import Engine
 from edge_daemon.errors import DelegateError, EdgeDaemonError
 from edge_daemon.manifest import read_labels
@@ -119,6 +119,8 @@ class Daemon:
             control.REJECT_REPLIES_PER_S, control.REJECT_REPLY_BURST
         )
         cameras = settings.cameras or sample_camera()
+        if opener is open_source:
+            require_backends(cameras)
         self.using_sample = not settings.cameras
         self.cameras = [
             Camera(name, cam, opener=opener, on_status=self._camera_status, on_frame=self._notify)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import socketserver
 import subprocess
@@ -25,6 +26,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge_daemon.broker import free_port
 from edge_daemon.pipeline import Daemon
 from edge_daemon.settings import Settings, load_settings
 
@@ -264,6 +266,63 @@ class MjpegServer:
                 conn.shutdown(socket.SHUT_RDWR)
                 conn.close()
         self._connections.clear()
+
+
+#: Debian's Python, which has the GStreamer RTSP server bindings (see tests/rtsp_server.py).
+SYSTEM_PYTHON = "/usr/bin/python3"
+RTSP_PACKAGES = "python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-good"
+
+
+class RtspServer:
+    """An RTSP camera on loopback: ``tests/rtsp_server.py`` in its own process.
+
+    ``stop()`` kills it (as a camera that loses power); ``start()`` serves again on the port;
+    ``hang()`` stops and restarts the frames while the connection stays up.
+    """
+
+    def __init__(self, folder: Path, frames: list[np.ndarray], fps: int = 15) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, frame in enumerate(frames):
+            cv2.imwrite(str(folder / f"{i:04d}.jpg"), frame)
+        self.folder = folder
+        self.fps = fps
+        self.port = free_port()
+        self._proc: subprocess.Popen[str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"rtsp://127.0.0.1:{self.port}/cam"
+
+    def start(self) -> RtspServer:
+        script = Path(__file__).with_name("rtsp_server.py")
+        probe = subprocess.run(
+            [SYSTEM_PYTHON, "-c", "import gi; gi.require_version('GstRtspServer', '1.0')"],
+            capture_output=True,
+            check=False,
+        )
+        assert probe.returncode == 0, f"the RTSP tests need: apt-get install {RTSP_PACKAGES}"
+        args = ["--port", str(self.port), "--frames", str(self.folder), "--fps", str(self.fps)]
+        self._proc = subprocess.Popen(
+            [SYSTEM_PYTHON, str(script), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        assert line.startswith("ready "), f"RTSP server did not start: {line}"
+        return self
+
+    def hang(self) -> None:
+        """Stop sending frames, or send them again; connections stay open."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGUSR1)
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.communicate()
+            self._proc = None
 
 
 def digit_frames(count: int = 20, size: int = 96, seed: int = 0) -> list[np.ndarray]:
