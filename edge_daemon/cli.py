@@ -21,6 +21,28 @@ from edge_daemon.errors import ConfigError, EdgeDaemonError
 log = logging.getLogger("edge_daemon")
 
 
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        sizes = []
+    if not sizes or sizes[0] < 1 or sizes[-1] > 256:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give batch sizes from 1 to 256 separated by commas, e.g. 1,4,8"
+        )
+    return sizes
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 600:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a time from 0 to 600 seconds")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge-daemon",
@@ -43,6 +65,21 @@ def _parser() -> argparse.ArgumentParser:
         default=5.0,
         help="seconds to wait for each source and the broker (default: 5)",
     )
+    bench = sub.add_parser(
+        "bench",
+        help="time the configured model at each batch size (EDGE_MODEL__* settings)",
+    )
+    bench.add_argument("--env-file", type=Path, help="a file of EDGE_...=value lines")
+    bench.add_argument(
+        "--batch",
+        type=_batch_sizes,
+        default=[1, 2, 4, 8],
+        help="batch sizes to time, comma-separated (default: 1,2,4,8)",
+    )
+    bench.add_argument(
+        "--seconds", type=_seconds, default=2.0, help="time per batch size (default: 2)"
+    )
+    bench.add_argument("--json", action="store_true", help="print the figures as JSON")
     example = sub.add_parser("env-example", help="print the documented settings example")
     example.add_argument("--output", type=Path, help="write it here instead of stdout")
     demo = sub.add_parser(
@@ -109,6 +146,15 @@ def _check(args: argparse.Namespace) -> int:
     return run_checks(args.env_file, args.timeout)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from edge_daemon.bench import bench  # noqa: PLC0415
+    from edge_daemon.settings import load_settings  # noqa: PLC0415
+
+    settings = load_settings(args.env_file)
+    _setup_logging(settings.log_level, args.debug)
+    return bench(settings, args.batch, args.seconds, args.json)
+
+
 def _env_example(args: argparse.Namespace) -> int:
     from edge_daemon.envdoc import generate  # noqa: PLC0415
     from edge_daemon.manifest import write_atomic  # noqa: PLC0415
@@ -127,7 +173,13 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.duration, debug=args.debug)
 
 
-_COMMANDS = {"run": _run, "check": _check, "env-example": _env_example, "demo": _demo}
+_COMMANDS = {
+    "run": _run,
+    "check": _check,
+    "bench": _bench,
+    "env-example": _env_example,
+    "demo": _demo,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -68,6 +68,8 @@ class Engine:
         delegates = []
         if use_edgetpu:
             delegates.append(load_edgetpu_delegate(self.runtime, edgetpu_device, edgetpu_library))
+        #: True when the model runs on an Edge TPU (its delegate loaded).
+        self.on_edgetpu = use_edgetpu
         self.interpreter = make_interpreter(
             model_path,
             runtime=self.runtime,
