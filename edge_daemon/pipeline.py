@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge_daemon import control, postprocess
+from edge_daemon import control, homeassistant, postprocess
 from edge_daemon.batcher import Batcher, Item
 from edge_daemon.capture import Camera, Opener, open_source, redact, require_backends
 from edge_daemon.engine import Engine
@@ -153,6 +153,8 @@ class Daemon:
         self._started = time.monotonic()
         for camera in self.cameras:
             self.publisher.publish_retained(self.publisher.topic(camera.name, "status"), b"offline")
+        if self.settings.homeassistant.enabled:
+            self._announce_to_home_assistant()
         self.publisher.start()
         for camera in self.cameras:
             log.info(
@@ -219,6 +221,26 @@ class Daemon:
                 self.notifier.status(self.status_line())
                 next_status = now + 5.0
             stop.wait(0.2)
+
+    def _announce_to_home_assistant(self) -> None:
+        """Retained discovery configs, sent again whenever Home Assistant comes online."""
+        regions = {camera.name: self.batcher.rois(camera.name) for camera in self.cameras}
+        configs = homeassistant.discovery_messages(self.settings, regions, self.engine.name)
+        for topic, payload in configs:
+            self.publisher.publish_retained(topic, payload)
+
+        def on_birth(payload: bytes) -> None:
+            if payload.strip() == b"online":
+                log.info("Home Assistant is online: sending %d discovery configs", len(configs))
+                for topic, config in configs:
+                    self.publisher.publish(topic, config, qos=1, retain=True)
+
+        self.publisher.watch(homeassistant.birth_topic(self.settings), on_birth)
+        log.info(
+            "Home Assistant discovery: %d sensors under %s",
+            len(configs),
+            self.settings.homeassistant.discovery_prefix,
+        )
 
     # --- callbacks -------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +119,8 @@ class Publisher:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
         self._client.on_connect_fail = self._on_connect_fail
+        #: Topics subscribed to on every connect (``watch``), besides ``cmd``.
+        self._watched: list[str] = []
         if inbox is not None:
             self._client.message_callback_add(self.topic("cmd"), self._on_command)
         self._queue: collections.deque[Message] = collections.deque()
@@ -143,6 +146,17 @@ class Publisher:
     def topic(self, *parts: str) -> str:
         """A topic under this device's prefix."""
         return "/".join((self.prefix, *parts))
+
+    def watch(self, topic: str, callback: Callable[[bytes], None]) -> None:
+        """Call ``callback(payload)`` for each message on ``topic`` (on paho's thread: keep it
+        short). Subscribed on every connect; call before ``start``."""
+
+        def on_message(client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+            del client, userdata
+            callback(bytes(message.payload))
+
+        self._client.message_callback_add(topic, on_message)
+        self._watched.append(topic)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -255,8 +269,10 @@ class Publisher:
             self._queue.extendleft(reversed(states))
             self._queue.appendleft(Message(self.topic("status"), b"online", 1, True))
             self._cond.notify_all()
-        if self._inbox is not None:
-            self._client.subscribe(self.topic("cmd"), qos=1)
+        topics = [self.topic("cmd")] if self._inbox is not None else []
+        topics += self._watched
+        if topics:
+            self._client.subscribe([(topic, 1) for topic in topics])
 
     def _on_command(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         del client, userdata

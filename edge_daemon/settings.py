@@ -172,6 +172,17 @@ class ControlSettings(_Group):
     """Larger command messages are rejected unread."""
 
 
+class HomeAssistantSettings(_Group):
+    """Home Assistant MQTT discovery: a sensor per camera region, without any YAML."""
+
+    enabled: bool = False
+    """Publish retained discovery configs so Home Assistant's MQTT integration creates one
+    sensor per camera region: its state the label, the prediction's fields as attributes."""
+    discovery_prefix: str = Field(default="homeassistant", pattern=r"^[^#+\s]+$")
+    """Home Assistant's MQTT discovery prefix; configs are re-sent when it says
+    <prefix>/status online (after a restart)."""
+
+
 class InferenceSettings(_Group):
     """Batching and what counts as a prediction."""
 
@@ -329,6 +340,7 @@ class Settings(BaseSettings):
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     control: ControlSettings = Field(default_factory=ControlSettings)
+    homeassistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
     cameras: dict[str, CameraSettings] = Field(default_factory=dict)
 
     @field_validator("cameras")

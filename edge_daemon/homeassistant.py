@@ -1,0 +1,77 @@
+"""Home Assistant MQTT discovery: a sensor per camera region (EDGE_HOMEASSISTANT__ENABLED).
+
+Each region's config goes, retained, to
+``<discovery_prefix>/sensor/<device_id>/<camera>_<roi>/config``. The sensor's state is the
+prediction's ``label`` (``none`` below the threshold) and its attributes are the prediction's
+other fields, both read from the label topic the daemon already publishes. It is available
+while the daemon's ``status`` and the camera's ``status`` both say ``online``. All the
+region sensors of one daemon belong to one Home Assistant device named after ``EDGE_DEVICE_ID``.
+"""
+
+from __future__ import annotations
+
+import json
+
+from edge_daemon import __version__
+from edge_daemon.settings import Settings
+
+#: The sensor's state: the label, or ``none`` when the score is below the threshold.
+STATE_TEMPLATE = "{{ value_json.label if value_json.label is not none else 'none' }}"
+ORIGIN = {
+    "name": "edge-daemon",
+    "sw_version": __version__,
+    "support_url": "https://github.com/edge-daemon/edge-daemon",
+}
+
+
+def birth_topic(settings: Settings) -> str:
+    """Where Home Assistant says ``online`` when it (re)starts."""
+    return f"{settings.homeassistant.discovery_prefix}/status"
+
+
+def config_topic(settings: Settings, camera: str, roi: str) -> str:
+    """The retained discovery topic of one camera region's sensor."""
+    prefix = settings.homeassistant.discovery_prefix
+    return f"{prefix}/sensor/{settings.device_id}/{camera}_{roi}/config"
+
+
+def discovery_messages(
+    settings: Settings, regions: dict[str, list[str]], model: str
+) -> list[tuple[str, bytes]]:
+    """The discovery configs, ``(topic, payload)``, for ``regions`` (camera: ROI names)."""
+    status = f"{settings.topic_prefix}/status"
+    device = {
+        "identifiers": [f"edge_daemon_{settings.device_id}"],
+        "name": f"edge-daemon {settings.device_id}",
+        "manufacturer": "edge-daemon",
+        "model": f"edge-daemon ({model})",
+        "sw_version": __version__,
+    }
+    messages = []
+    for camera, rois in regions.items():
+        for roi in rois:
+            label_topic = f"{settings.topic_prefix}/{camera}/{roi}/label"
+            config = {
+                "name": f"{camera} {roi}",
+                "unique_id": f"edge_daemon_{settings.device_id}_{camera}_{roi}",
+                "state_topic": label_topic,
+                "value_template": STATE_TEMPLATE,
+                "json_attributes_topic": label_topic,
+                "icon": "mdi:cctv",
+                "availability": [
+                    {
+                        "topic": topic,
+                        "payload_available": "online",
+                        "payload_not_available": "offline",
+                    }
+                    for topic in (status, f"{settings.topic_prefix}/{camera}/status")
+                ],
+                "availability_mode": "all",
+                "qos": settings.mqtt.qos,
+                "device": device,
+                "origin": ORIGIN,
+            }
+            messages.append(
+                (config_topic(settings, camera, roi), json.dumps(config, sort_keys=True).encode())
+            )
+    return messages
