@@ -14,7 +14,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_daemon.capture import open_source, redact
 from edge_daemon.errors import EdgeDaemonError
 from edge_daemon.pipeline import load_engine, model_summary, sample_camera
-from edge_daemon.publisher import diagnose, tls_context
+from edge_daemon.publisher import close_client, diagnose, tls_context
 from edge_daemon.settings import CameraSettings, Settings, load_settings
 
 
@@ -86,8 +86,7 @@ def check_broker(settings: Settings, timeout: float) -> str:
                 f"broker {cfg.host}:{cfg.port} did not answer within {timeout:g} s"
             )
     finally:
-        client.disconnect()
-        client.loop_stop()
+        close_client(client)
     if "refused" in outcome:
         raise EdgeDaemonError(
             f"broker {cfg.host}:{cfg.port} refused the connection: "

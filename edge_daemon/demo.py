@@ -20,6 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_daemon.broker import PrivateBroker, listening, start_mosquitto
 from edge_daemon.pipeline import Daemon, model_summary
+from edge_daemon.publisher import close_client
 from edge_daemon.settings import SAMPLE_CLIP, load_settings
 
 log = logging.getLogger(__name__)
@@ -121,8 +122,7 @@ def _demo(host: str, port: int, duration: float | None) -> int:
     finally:
         daemon.stop()
         time.sleep(0.5)
-        subscriber.loop_stop()
-        subscriber.disconnect()
+        close_client(subscriber)
     with tally.lock:
         received, correct = tally.received, tally.correct
         latencies = sorted(tally.latencies)

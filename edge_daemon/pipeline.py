@@ -229,8 +229,11 @@ class Daemon:
         for topic, payload in configs:
             self.publisher.publish_retained(topic, payload)
 
+        # Anyone may publish there: a stream of "online" must not become a stream of configs.
+        resend = control.RateLimit(rate=0.2, burst=2)
+
         def on_birth(payload: bytes) -> None:
-            if payload.strip() == b"online":
+            if payload.strip() == b"online" and resend.allow():
                 log.info("Home Assistant is online: sending %d discovery configs", len(configs))
                 for topic, config in configs:
                     self.publisher.publish(topic, config, qos=1, retain=True)

@@ -80,6 +80,20 @@ def diagnose(host: str, port: int, context: ssl.SSLContext | None, timeout: floa
         return f"{exc.strerror or exc} (is the broker running? check EDGE_MQTT__HOST and PORT)"
 
 
+def close_client(client: mqtt.Client) -> None:
+    """Disconnect a paho client, stop its network thread and close all of its sockets.
+
+    paho closes the socket pair that wakes its loop only when the client is garbage-collected
+    (eclipse-paho/paho.mqtt.python#627); a client held in a reference cycle by its callbacks
+    keeps those two descriptors until the cycle collector runs, so close them here.
+    """
+    client.disconnect()
+    client.loop_stop()
+    reset = getattr(client, "_reset_sockets", None)
+    if callable(reset):
+        reset()
+
+
 class Publisher:
     """An MQTT client that reconnects by itself and never blocks the caller."""
 
@@ -186,8 +200,7 @@ class Publisher:
             self._cond.notify_all()
         if self._sender is not None:
             self._sender.join(2.0)
-        self._client.disconnect()
-        self._client.loop_stop()
+        close_client(self._client)
 
     @property
     def connected(self) -> bool:

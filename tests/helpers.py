@@ -28,6 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_daemon.broker import free_port
 from edge_daemon.pipeline import Daemon
+from edge_daemon.publisher import close_client
 from edge_daemon.settings import Settings, load_settings
 
 BROKER = ("127.0.0.1", 1883)
@@ -102,8 +103,8 @@ class Subscriber:
 
     def stop(self) -> None:
         if self.client is not None:
-            self.client.loop_stop()
-            self.client.disconnect()
+            close_client(self.client)
+            self.client = None
 
     def topic(self, *parts: str) -> str:
         return "/".join((self.prefix, *parts))

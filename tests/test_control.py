@@ -20,6 +20,7 @@ from edge_daemon.control import (
     command_schema,
 )
 from edge_daemon.pipeline import Daemon
+from edge_daemon.publisher import close_client
 from tests.helpers import BROKER, running, settings_for, subscriber, unique_prefix
 
 pytestmark = pytest.mark.runtime
@@ -52,8 +53,7 @@ def test_control_is_off_by_default() -> None:
             time.sleep(1.0)
             count = len(sub.labels())
             assert sub.wait_for(lambda: len(sub.labels()) > count + 3)
-            client.loop_stop()
-            client.disconnect()
+            close_client(client)
         assert not sub.on("cmd", "result")
         assert daemon.inbox is None
 
@@ -99,8 +99,7 @@ def test_commands_pause_resume_threshold_snapshot_status() -> None:
             bad = next(m.json() for m in sub.on("cmd", "result") if m.json().get("id") == "bad")
             assert bad["ok"] is False
             assert "no camera named" in bad["error"]
-        client.loop_stop()
-        client.disconnect()
+        close_client(client)
         assert sub.validate_all() > 0
 
 
@@ -172,8 +171,7 @@ def test_thousands_of_random_and_malformed_commands_never_hurt_the_daemon() -> N
                     for m in sub.on("stats")
                 )
             )
-        client.loop_stop()
-        client.disconnect()
+        close_client(client)
     assert len(sent) >= 1000
     assert daemon.commands_rejected >= 500
     assert daemon.inbox is not None

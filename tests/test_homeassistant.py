@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_daemon.pipeline import Daemon
+from edge_daemon.publisher import close_client
 from edge_daemon.settings import CameraSettings, Roi
 from tests.helpers import (
     BROKER,
@@ -32,13 +34,14 @@ def configs(sub: Subscriber) -> list[Received]:
         return [m for m in sub.messages if m.topic.endswith("/config") and m.payload]
 
 
-def publish(topic: str, payload: bytes, retain: bool = False) -> None:
+def publish(topic: str, payload: bytes, retain: bool = False, times: int = 1) -> None:
     client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2)
     client.connect(*BROKER)
     client.loop_start()
-    client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
-    client.loop_stop()
-    client.disconnect()
+    sent = [client.publish(topic, payload, qos=1, retain=retain) for _ in range(times)]
+    for info in sent:
+        info.wait_for_publish(5)
+    close_client(client)
 
 
 def render(template: str, payload: bytes) -> str:
@@ -77,6 +80,13 @@ def test_home_assistant_discovers_a_sensor_per_region_and_follows_its_labels(
                 publish(f"{discovery}/status", b"online")
                 assert ha.wait_for(lambda: len(configs(ha)) >= before + len(expected))
                 assert {m.topic for m in configs(ha)[before:]} == expected
+                # A flood of births is not mirrored as a flood of configs.
+                before, flood_started = len(configs(ha)), time.monotonic()
+                publish(f"{discovery}/status", b"online", times=20)
+                time.sleep(1.0)
+                # One config set left of the burst, then one per 5 s.
+                allowed = 1 + int((time.monotonic() - flood_started) / 5) + 1
+                assert len(configs(ha)) - before <= allowed * len(expected)
             # The configs stay on the broker for a Home Assistant that subscribes later.
             with subscriber(discovery) as later:
                 assert later.wait_for(lambda: len(configs(later)) == len(expected))

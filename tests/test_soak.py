@@ -19,6 +19,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_daemon.broker import start_mosquitto
+from edge_daemon.publisher import close_client
 from tests.helpers import (
     MjpegServer,
     digit_frames,
@@ -92,8 +93,7 @@ def test_soak_two_cameras_broker_restarted_twice(tmp_path: Path) -> None:
             control.publish(f"{prefix}/cmd", b'{"cmd": "status"}', qos=1).wait_for_publish(5)
             assert sub.wait_for(lambda: len(sub.on("stats")) > before, timeout=30)
             stats = sub.on("stats")[-1].json()
-            control.loop_stop()
-            control.disconnect()
+            close_client(control)
             produced = stats["inference"]["items"]
             dropped = stats["mqtt"]["dropped"]
             assert sub.wait_for(
