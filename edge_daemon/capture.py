@@ -10,6 +10,7 @@ only then), and the daemon also watches each camera from outside, since a read c
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -46,6 +47,20 @@ class VideoSource(Protocol):
 
 
 Opener = Callable[[CameraSettings], VideoSource]
+
+
+def quiet_opencv(debug: bool) -> None:
+    """Keep OpenCV's own warnings (e.g. "backend is generally available but can't be used to
+    capture by name" on every reopen) out of the log unless ``--debug`` or OPENCV_LOG_LEVEL
+    asks for them: the camera's own log lines say the same, with the camera's name."""
+    if debug or "OPENCV_LOG_LEVEL" in os.environ:
+        return
+    try:  # OpenCV 5
+        from cv2.utils import logging as cv_logging  # noqa: PLC0415
+
+        cv_logging.setLogLevel(cv_logging.LOG_LEVEL_ERROR)
+    except ImportError:  # OpenCV 4 (its stubs are not the ones type-checked here)
+        getattr(cv2, "setLogLevel")(2)  # noqa: B009 - errors only
 
 
 def source_kind(source: str) -> SourceKind:
@@ -160,6 +175,8 @@ class Camera:
         self.frames_read = 0
         self.frames_skipped = 0
         self.reopens = 0
+        #: Why the source last failed to open, said once until it changes or frames arrive.
+        self._open_failure = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -240,7 +257,18 @@ class Camera:
                 capture = self._opener(self.settings)
             except CaptureError as exc:
                 self._set_online(False, str(exc))
-                self._wait(self._backoff.next(), f"{exc}")
+                delay = self._backoff.next()
+                if str(exc) != self._open_failure:
+                    # A camera that never came online says why, once per new reason.
+                    self._open_failure = str(exc)
+                    log.warning(
+                        "camera %s: %s; retrying (next in %.1f s, backing off to %g s)",
+                        self.name,
+                        exc,
+                        delay,
+                        self._backoff.maximum,
+                    )
+                self._wait(delay, f"{exc}")
                 continue
             except Exception as exc:
                 log.exception("camera %s: unexpected error opening the source", self.name)
@@ -327,5 +355,6 @@ class Camera:
             self._seq += 1
         self.frames_read += 1
         self._last_frame_at = frame.monotonic
+        self._open_failure = ""
         self._set_online(True, "frames arriving")
         self._on_frame()

@@ -113,11 +113,13 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from edge_daemon.pipeline import Daemon, model_summary  # noqa: PLC0415 - fast --help
+    from edge_daemon.capture import quiet_opencv  # noqa: PLC0415 - fast --help
+    from edge_daemon.pipeline import Daemon, model_summary  # noqa: PLC0415
     from edge_daemon.settings import load_settings  # noqa: PLC0415
 
     settings = load_settings(args.env_file)
     _setup_logging(settings.log_level, args.debug)
+    quiet_opencv(args.debug)
     daemon = Daemon(settings)
     log.info("model %s", model_summary(daemon.engine))
     if daemon.using_sample:

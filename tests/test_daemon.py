@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -11,7 +12,9 @@ from pathlib import Path
 import cv2
 import pytest
 
+from edge_daemon.backoff import Backoff
 from edge_daemon.broker import free_port, start_mosquitto
+from edge_daemon.capture import Camera
 from edge_daemon.engine import Engine
 from edge_daemon.pipeline import Daemon
 from edge_daemon.settings import SAMPLE_CLIP, CameraSettings
@@ -450,3 +453,27 @@ def test_bad_model_files_are_one_line_and_exit_78(
         "labels-missing": "labels file",
     }[case]
     assert expected in errors[0], errors[0]
+
+
+def test_a_camera_that_cannot_open_says_why_once_and_comes_up_when_it_can(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "late.mp4"
+    camera = Camera("door", CameraSettings(source=str(path)), backoff=Backoff(0.02, 0.05))
+    with caplog.at_level(logging.DEBUG, logger="edge_daemon.capture"):
+        camera.start()
+        try:
+            time.sleep(0.6)
+            assert not camera.online
+            write_video(tmp_path / "partial.mp4", digit_frames(10, 64)).rename(path)
+            deadline = time.monotonic() + 10
+            while not camera.online and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert camera.online
+        finally:
+            camera.stop()
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records]
+    warnings = [m for level, m in messages if level == logging.WARNING]
+    assert len(warnings) == 1, warnings  # said once, not on every retry
+    assert warnings[0].startswith(f"camera door: video file {path} does not exist; retrying")
+    assert sum("retrying in" in m for _, m in messages) >= 5  # the retries, at debug level
