@@ -200,6 +200,15 @@ class Split:
     train: npt.NDArray[np.int64]
     heldout: npt.NDArray[np.int64]
 
+    @classmethod
+    def from_heldout(
+        cls, dataset: str, seed: int, holdout: float, count: int, heldout: npt.ArrayLike
+    ) -> Split:
+        """The split whose held-out indices are ``heldout``; the rest of ``count`` trains."""
+        held = np.sort(np.asarray(heldout, dtype=np.int64))
+        train = np.setdiff1d(np.arange(count, dtype=np.int64), held)
+        return cls(dataset, seed, holdout, count, train, held)
+
 
 def make_split(dataset: Dataset, spec: str, seed: int, holdout: float = 0.2) -> Split:
     """A stratified, seeded split: the same dataset and seed give the same split everywhere."""
@@ -210,6 +219,4 @@ def make_split(dataset: Dataset, spec: str, seed: int, holdout: float = 0.2) -> 
         rng.shuffle(members)
         take = max(1, round(len(members) * holdout)) if len(members) > 1 else 0
         heldout.extend(int(i) for i in members[:take])
-    held = np.sort(np.asarray(heldout, dtype=np.int64))
-    train = np.setdiff1d(np.arange(len(dataset), dtype=np.int64), held)
-    return Split(spec, seed, holdout, len(dataset), train, held)
+    return Split.from_heldout(spec, seed, holdout, len(dataset), heldout)

@@ -225,8 +225,10 @@ def split_from_record(record: dict[str, Any], dataset: Dataset, path: Path) -> S
             f"{record['dataset']} has {len(dataset)}: use the dataset the model was "
             "trained on"
         )
-    heldout = np.asarray(record["heldout"], dtype=np.int64)
-    train = np.setdiff1d(np.arange(count, dtype=np.int64), heldout)
-    return Split(
-        str(record["dataset"]), int(record["seed"]), float(record["holdout"]), count, train, heldout
+    return Split.from_heldout(
+        str(record["dataset"]),
+        int(record["seed"]),
+        float(record["holdout"]),
+        count,
+        record["heldout"],
     )
