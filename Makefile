@@ -34,7 +34,7 @@ $(TSTAMP): pyproject.toml
 	$(TBIN)/python -m pip install --quiet --upgrade pip
 	$(TBIN)/python -m pip install --quiet 'tflite-runtime==2.14.0' 'numpy<2' \
 	    'opencv-python-headless<4.11' 'paho-mqtt>=2,<3' 'pydantic-settings>=2.3,<3' \
-	    'pytest>=8' 'pytest-timeout>=2.3' 'jsonschema>=4.20' 'hypothesis>=6.100' \
+	    'pytest>=8' 'pytest-timeout>=2.3' 'jsonschema>=4.20' 'hypothesis>=6.100' 'jinja2>=3.1' \
 	    'scikit-learn>=1.3'
 	$(TBIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
