@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_daemon.engine import Engine
+from edge_daemon.errors import EdgeDaemonError
 from edge_daemon.pipeline import load_engine, model_summary, sample_camera
 from edge_daemon.preprocess import Frame, preprocess_batch
 from edge_daemon.settings import SAMPLE_CLIP, Settings
@@ -46,12 +47,18 @@ def sample_crops(count: int) -> list[Frame]:
     stride = int(meta.get("frames_per_digit", 1))
     camera = sample_camera()["sample"]
     capture = cv2.VideoCapture(str(SAMPLE_CLIP))
+    if not capture.isOpened():
+        raise EdgeDaemonError(
+            f"cannot read the sample clip {SAMPLE_CLIP}: is OpenCV's FFmpeg there?"
+        )
     crops: list[Frame] = []
     number = 0
     try:
         while len(crops) < count:
             ok, image = capture.read()
             if not ok:
+                if not crops:
+                    raise EdgeDaemonError(f"the sample clip {SAMPLE_CLIP} gave no frames")
                 capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
                 number = 0
                 continue

@@ -74,9 +74,18 @@ def source_kind(source: str) -> SourceKind:
     return "file"
 
 
-def redact(source: str) -> str:
-    """The source with any password in its URL replaced, for logs and status."""
-    return re.sub(r"(://[^:/@]+:)[^@/]+@", r"\1***@", source)
+#: ``scheme://user:`` then everything up to the last ``@`` of that word: passwords are not
+#: always URL-encoded, so one may hold ``@`` or ``/``. Redacting too much is the safe side.
+_USERINFO = re.compile(r"([a-z][a-z0-9+.-]*://[^:/@\s]*:)\S*@", re.IGNORECASE)
+#: ``password=...`` in a query string, and GStreamer's ``user-pw=...`` property.
+_SECRET_PARAM = re.compile(
+    r"\b(password|passwd|pwd|pass|user-pw|token|secret|key)=([^&\s!]+)", re.IGNORECASE
+)
+
+
+def redact(text: str) -> str:
+    """``text`` (a source, or a message that holds one) with passwords replaced by ``***``."""
+    return _SECRET_PARAM.sub(r"\1=***", _USERINFO.sub(r"\1***@", text))
 
 
 _NO_GSTREAMER = (
@@ -125,7 +134,7 @@ def open_source(settings: CameraSettings) -> VideoSource:
     else:
         path = Path(source)
         if "%" not in source and not path.is_file():
-            raise CaptureError(f"video file {source} does not exist")
+            raise CaptureError(f"video file {redact(source)} does not exist")
         capture = cv2.VideoCapture(source, cv2.CAP_FFMPEG if "%" not in source else cv2.CAP_ANY)
     if not capture.isOpened():
         capture.release()
@@ -243,6 +252,7 @@ class Camera:
         if online == self._online:
             return
         self._online = online
+        why = redact(why)
         if online:
             log.info("camera %s online (%s)", self.name, why)
         elif self._stop.is_set() or self._finished:
@@ -264,7 +274,7 @@ class Camera:
                     log.warning(
                         "camera %s: %s; retrying (next in %.1f s, backing off to %g s)",
                         self.name,
-                        exc,
+                        redact(str(exc)),
                         delay,
                         self._backoff.maximum,
                     )
@@ -290,7 +300,7 @@ class Camera:
             self._wait(self._backoff.next(), why)
 
     def _wait(self, delay: float, why: str) -> None:
-        log.debug("camera %s: retrying in %.1f s (%s)", self.name, delay, why)
+        log.debug("camera %s: retrying in %.1f s (%s)", self.name, delay, redact(why))
         self._stop.wait(delay)
 
     def _read_loop(self, capture: VideoSource) -> str:

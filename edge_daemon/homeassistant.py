@@ -2,8 +2,9 @@
 
 Each region's config goes, retained, to
 ``<discovery_prefix>/sensor/<device_id>/<camera>_<roi>/config``. The sensor's state is the
-prediction's ``label`` (``none`` below the threshold) and its attributes are the prediction's
-other fields, both read from the label topic the daemon already publishes. It is available
+prediction's ``label`` (``none`` below the threshold) and its attributes the camera, region,
+model and device (not the per-frame fields), both read from the label topic the daemon already
+publishes. It is available
 while the daemon's ``status`` and the camera's ``status`` both say ``online``. All the
 region sensors of one daemon belong to one Home Assistant device named after ``EDGE_DEVICE_ID``.
 """
@@ -13,10 +14,17 @@ from __future__ import annotations
 import json
 
 from edge_daemon import __version__
+from edge_daemon.errors import ConfigError
 from edge_daemon.settings import Settings
 
 #: The sensor's state: the label, or ``none`` when the score is below the threshold.
 STATE_TEMPLATE = "{{ value_json.label if value_json.label is not none else 'none' }}"
+#: Attributes that change only with the configuration. Per-frame fields (score, frame, ts,
+#: latency) would make Home Assistant's recorder write a row for every frame of every region.
+ATTRIBUTES_TEMPLATE = (
+    "{{ {'camera': value_json.camera, 'roi': value_json.roi, 'model': value_json.model,"
+    " 'device': value_json.device} | tojson }}"
+)
 ORIGIN = {
     "name": "edge-daemon",
     "sw_version": __version__,
@@ -48,8 +56,17 @@ def discovery_messages(
         "sw_version": __version__,
     }
     messages = []
+    seen: dict[str, str] = {}
     for camera, rois in regions.items():
         for roi in rois:
+            object_id = f"{camera}_{roi}"
+            if object_id in seen:
+                raise ConfigError(
+                    f"EDGE_CAMERAS__{camera}__ROIS__{roi}: its Home Assistant sensor "
+                    f"'{object_id}' would replace the one of {seen[object_id]}: rename the "
+                    "camera or the region"
+                )
+            seen[object_id] = f"camera {camera}, region {roi}"
             label_topic = f"{settings.topic_prefix}/{camera}/{roi}/label"
             config = {
                 "name": f"{camera} {roi}",
@@ -57,6 +74,7 @@ def discovery_messages(
                 "state_topic": label_topic,
                 "value_template": STATE_TEMPLATE,
                 "json_attributes_topic": label_topic,
+                "json_attributes_template": ATTRIBUTES_TEMPLATE,
                 "icon": "mdi:cctv",
                 "availability": [
                     {

@@ -129,6 +129,16 @@ class Daemon:
         self.batcher = Batcher(
             self.cameras, settings.inference.max_batch, settings.inference.max_delay_ms / 1000.0
         )
+        #: Home Assistant discovery configs (topic, payload); checked here, sent by ``start``.
+        self._discovery = (
+            homeassistant.discovery_messages(
+                settings,
+                {c.name: self.batcher.rois(c.name) for c in self.cameras},
+                self.engine.name,
+            )
+            if settings.homeassistant.enabled
+            else []
+        )
         largest = max([settings.inference.max_batch, *(len(c.settings.rois) for c in self.cameras)])
         spec = self.engine.input_spec
         self._buffer = np.empty(
@@ -224,8 +234,7 @@ class Daemon:
 
     def _announce_to_home_assistant(self) -> None:
         """Retained discovery configs, sent again whenever Home Assistant comes online."""
-        regions = {camera.name: self.batcher.rois(camera.name) for camera in self.cameras}
-        configs = homeassistant.discovery_messages(self.settings, regions, self.engine.name)
+        configs = self._discovery
         for topic, payload in configs:
             self.publisher.publish_retained(topic, payload)
 

@@ -162,12 +162,13 @@ class Publisher:
         return "/".join((self.prefix, *parts))
 
     def watch(self, topic: str, callback: Callable[[bytes], None]) -> None:
-        """Call ``callback(payload)`` for each message on ``topic`` (on paho's thread: keep it
-        short). Subscribed on every connect; call before ``start``."""
+        """Call ``callback(payload)`` for each new (not retained) message on ``topic``, on paho's
+        thread: keep it short. Subscribed on every connect; call before ``start``."""
 
         def on_message(client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
             del client, userdata
-            callback(bytes(message.payload))
+            if not message.retain:  # news only: a retained message is an old announcement
+                callback(bytes(message.payload))
 
         self._client.message_callback_add(topic, on_message)
         self._watched.append(topic)
@@ -200,7 +201,12 @@ class Publisher:
             self._cond.notify_all()
         if self._sender is not None:
             self._sender.join(2.0)
-        close_client(self._client)
+        if self._sender is not None and self._sender.is_alive():
+            # Still inside paho: leave its socket pair to the garbage collector.
+            self._client.disconnect()
+            self._client.loop_stop()
+        else:
+            close_client(self._client)
 
     @property
     def connected(self) -> bool:

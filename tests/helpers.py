@@ -288,7 +288,7 @@ class RtspServer:
         self.folder = folder
         self.fps = fps
         self.port = free_port()
-        self._proc: subprocess.Popen[str] | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -303,15 +303,18 @@ class RtspServer:
         )
         assert probe.returncode == 0, f"the RTSP tests need: apt-get install {RTSP_PACKAGES}"
         args = ["--port", str(self.port), "--frames", str(self.folder), "--fps", str(self.fps)]
-        self._proc = subprocess.Popen(
-            [SYSTEM_PYTHON, str(script), *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        assert self._proc.stdout is not None
-        line = self._proc.stdout.readline()
-        assert line.startswith("ready "), f"RTSP server did not start: {line}"
+        # Output to a file: a pipe nobody reads could fill and stall the server.
+        log = self.folder / "server.log"
+        with log.open("w") as out:
+            self._proc = subprocess.Popen(
+                [SYSTEM_PYTHON, str(script), *args], stdout=out, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + 20
+        while "ready " not in log.read_text():
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"RTSP server did not start: {log.read_text()}")
+            time.sleep(0.05)
         return self
 
     def hang(self) -> None:

@@ -14,7 +14,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_daemon.pipeline import Daemon
 from edge_daemon.publisher import close_client
-from edge_daemon.settings import CameraSettings, Roi
+from edge_daemon.settings import SAMPLE_CLIP, CameraSettings, Roi
 from tests.helpers import (
     BROKER,
     Received,
@@ -107,9 +107,19 @@ def test_home_assistant_discovers_a_sensor_per_region_and_follows_its_labels(
                 # The sensor's state, as Home Assistant renders it from what was published.
                 published = sub.on(camera, roi, "label")
                 assert published, f"no labels on {label_topic}"
+                attributes = set()
                 for message in published:
                     label = message.json()["label"]
                     assert render(config["value_template"], message.payload) == (label or "none")
+                    attributes.add(render(config["json_attributes_template"], message.payload))
+                # Attributes that do not change per frame (Home Assistant records each change).
+                assert len(attributes) == 1
+                assert json.loads(attributes.pop()) == {
+                    "camera": camera,
+                    "roi": roi,
+                    "model": "digits",
+                    "device": "testbox",
+                }
             # Below the threshold the label is null, and the sensor says none.
             template = next(iter(found.values()))["value_template"]
             assert render(template, b'{"label": null, "score": 0.2}') == "none"
@@ -137,3 +147,44 @@ def test_a_discovery_prefix_with_wildcards_is_refused(bad: str) -> None:
     proc = run_daemon("run", env={"EDGE_HOMEASSISTANT__DISCOVERY_PREFIX": bad})
     assert proc.returncode == 78
     assert "EDGE_HOMEASSISTANT__DISCOVERY_PREFIX" in proc.stderr
+
+
+def test_regions_whose_sensors_would_collide_are_refused() -> None:
+    clip = str(SAMPLE_CLIP)
+    proc = run_daemon(
+        "run",
+        env={
+            "EDGE_HOMEASSISTANT__ENABLED": "true",
+            "EDGE_CAMERAS__yard__SOURCE": clip,
+            "EDGE_CAMERAS__yard__ROIS__left_x": "0,0,1,1",
+            "EDGE_CAMERAS__yard_left__SOURCE": clip,
+            "EDGE_CAMERAS__yard_left__ROIS__x": "0,0,1,1",
+        },
+    )
+    assert proc.returncode == 78, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("edge-daemon:")]
+    assert len(errors) == 1
+    assert "sensor 'yard_left_x' would replace the one of camera" in errors[0]
+
+
+def test_a_retained_birth_is_old_news(tmp_path: Path) -> None:
+    """A birth message left retained on the broker does not make the daemon re-send configs."""
+    discovery = f"ha-test-{uuid.uuid4().hex[:8]}"
+    prefix = unique_prefix()
+    publish(f"{discovery}/status", b"online", retain=True)
+    try:
+        with subscriber(discovery) as ha, subscriber(prefix) as sub:
+            daemon = Daemon(
+                settings_for(prefix, homeassistant={"enabled": True, "discovery_prefix": discovery})
+            )
+            with running(daemon):
+                assert sub.wait_for(lambda: len(sub.labels()) >= 10)
+                publish(f"{discovery}/status", b"online")  # a live one counts
+                assert ha.wait_for(lambda: len(configs(ha)) >= 2)
+                time.sleep(1.0)
+            sent = len(configs(ha))
+        # First connect (sent with the retained states) and the live birth: never the retained.
+        assert 2 <= sent <= 3
+    finally:
+        publish(f"{discovery}/status", b"", retain=True)
+        publish(f"{discovery}/sensor/testbox/sample_digit/config", b"", retain=True)

@@ -45,12 +45,13 @@ def test_rtsp_camera_is_classified_and_comes_back_after_the_camera_restarts(
     tmp_path: Path,
 ) -> None:
     frame, truth = sample_frame(12)
-    server = RtspServer(tmp_path / "frames", [frame], fps=15).start()
+    server = RtspServer(tmp_path / "frames", [frame], fps=15)
     prefix = unique_prefix()
     camera = CameraSettings(
         source=server.url, open_timeout_s=3, read_timeout_s=2, rois=sample_camera_rois()
     )
     try:
+        server.start()
         with subscriber(prefix) as sub:
             daemon = Daemon(settings_for(prefix, cameras={"door": camera}))
             # What the model makes of the served JPEG decoded here, without the network.

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from edge_daemon.broker import PrivateBroker, start_mosquitto
+from edge_daemon.capture import redact
 from edge_daemon.pipeline import Daemon
 from tests.helpers import run_daemon, running, settings_for, subscriber, unique_prefix
 
@@ -222,6 +223,25 @@ def test_password_from_a_file_or_a_systemd_credential(
     assert connects(mqtt).publisher.connects >= 1
 
 
+@pytest.mark.parametrize(
+    ("source", "shown"),
+    [
+        ("rtsp://admin:S3cret@10.0.0.1/stream", "rtsp://admin:***@10.0.0.1/stream"),
+        ("rtsp://admin:p@ss/w0rd@cam.lan:554/x", "rtsp://admin:***@cam.lan:554/x"),
+        ("rtmps://u:pw@h/live", "rtmps://u:***@h/live"),
+        ("http://cam/v?user=a&password=hunter2&x=1", "http://cam/v?user=a&password=***&x=1"),
+        (
+            "rtspsrc location=rtsp://u:pw@h/x user-pw=hunter2 ! appsink",
+            "rtspsrc location=rtsp://u:***@h/x user-pw=*** ! appsink",
+        ),
+        ("http://cam.lan:8080/stream.mjpg", "http://cam.lan:8080/stream.mjpg"),
+        ("/dev/video0", "/dev/video0"),
+    ],
+)
+def test_sources_are_redacted(source: str, shown: str) -> None:
+    assert redact(source) == shown
+
+
 def test_secrets_never_appear_in_logs_errors_check_or_messages(
     tls_broker: PrivateBroker, pki: Pki
 ) -> None:
@@ -237,6 +257,10 @@ def test_secrets_never_appear_in_logs_errors_check_or_messages(
         "EDGE_MQTT__TOPIC_PREFIX": prefix,
         "EDGE_CAMERAS__door__SOURCE": f"rtsp://admin:{SECRET}@127.0.0.1:9/stream",
         "EDGE_CAMERAS__door__OPEN_TIMEOUT_S": "1",
+        # Not a stream scheme the daemon knows, so it is taken for a file that does not exist.
+        "EDGE_CAMERAS__yard__SOURCE": f"rtmps://admin:{SECRET}@127.0.0.1:9/live",
+        "EDGE_CAMERAS__gate__SOURCE": f"http://127.0.0.1:9/video?user=a&password={SECRET}",
+        "EDGE_CAMERAS__gate__OPEN_TIMEOUT_S": "1",
     }
     outputs = []
     for args in (["check", "--timeout", "3"], ["--debug", "run", "--duration", "3"]):
@@ -251,6 +275,8 @@ def test_secrets_never_appear_in_logs_errors_check_or_messages(
     assert "EDGE_MQTT__PORT" in everything
     assert SECRET not in everything  # ...without the password, the URL's or the pasted one
     assert "admin:***@" in everything
+    assert "camera yard: video file rtmps://admin:***@127.0.0.1:9/live does not exist" in everything
+    assert "password=***" in everything
     # Published messages: a subscriber on an open broker sees a daemon with the same secrets.
     with subscriber(prefix) as sub:
         daemon = Daemon(settings_for(prefix, mqtt={"username": USER, "password": SECRET}))
