@@ -4,13 +4,14 @@ VENV ?= .venv
 TFLITE_VENV ?= .venv-tflite
 BIN := $(VENV)/bin
 TBIN := $(TFLITE_VENV)/bin
+RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 TSTAMP := $(TFLITE_VENV)/.installed
 MODEL_DIR := build/model
 DURATION ?=
 PYTEST_ARGS ?=
 
-.PHONY: help venv lint format test test-main test-tflite soak model run env-example clean
+.PHONY: help venv system-packages lint format test test-main test-tflite soak model run env-example clean
 
 help:
 	@echo "make run       run the daemon on the bundled model and sample clip (DURATION=15 stops)"
@@ -20,50 +21,64 @@ help:
 	@echo "make lint      ruff and mypy --strict"
 	@echo "make format    ruff format and fix"
 
-# The main environment: the project with the converter (TensorFlow) and dev extras.
-$(STAMP): pyproject.toml
+# The main environment, in two steps on the same .venv: the daemon alone (what `make run`
+# needs), then the converter (TensorFlow) and dev extras on top for the tests, lint and model.
+$(RUN_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(STAMP): $(RUN_STAMP) pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[converter,dev]'
 	touch $@
 
 # A second environment with the last tflite-runtime (NumPy 1) instead of ai-edge-litert,
-# so the runtime code stays working on what 32-bit ARM boards have.
+# so the runtime code stays working on what 32-bit ARM boards have: the tflite-runtime extra's
+# requirements, then the project without its dependencies (which would bring ai-edge-litert).
 $(TSTAMP): pyproject.toml
 	test -x $(TBIN)/python || $(PYTHON) -m venv $(TFLITE_VENV)
 	$(TBIN)/python -m pip install --quiet --upgrade pip
-	$(TBIN)/python -m pip install --quiet 'tflite-runtime==2.14.0' 'numpy<2' \
-	    'opencv-python-headless<4.11' 'paho-mqtt>=2,<3' 'pydantic-settings>=2.3,<3' \
-	    'pytest>=8' 'pytest-timeout>=2.3' 'jsonschema>=4.20' 'hypothesis>=6.100' 'jinja2>=3.1' \
-	    'scikit-learn>=1.3'
+	$(TBIN)/python -c 'import tomllib; \
+	    extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]; \
+	    print(*extras["tflite-runtime"], sep="\n")' > $(TFLITE_VENV)/requirements.txt
+	$(TBIN)/python -m pip install --quiet -r $(TFLITE_VENV)/requirements.txt
 	$(TBIN)/python -m pip install --quiet --no-deps -e .
+	$(TBIN)/python -c 'import importlib.util, numpy; \
+	    assert int(numpy.__version__.split(".")[0]) < 2, "NumPy 2 in $(TFLITE_VENV)"; \
+	    assert not importlib.util.find_spec("ai_edge_litert"), "ai-edge-litert in $(TFLITE_VENV)"'
 	touch $@
 
 venv: $(STAMP)
 
+# Debian packages the tests use (scripts/system-packages.sh says which): installed as root,
+# otherwise it prints the apt-get line and stops.
+system-packages:
+	bash scripts/system-packages.sh
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check edge_daemon converter
+	$(BIN)/ruff format --check edge_daemon converter tests benchmarks
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff format edge_daemon converter
+	$(BIN)/ruff format edge_daemon converter tests benchmarks
 	$(BIN)/ruff check --fix .
 
-test-main: $(STAMP)
+test-main: system-packages $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-tflite: $(TSTAMP)
+test-tflite: system-packages $(TSTAMP)
 	$(TBIN)/python -m pytest -m runtime $(PYTEST_ARGS)
 
 SOAK_SECONDS ?= 180
 
 # Two 30 fps cameras for SOAK_SECONDS, the broker restarted twice; memory, threads, messages.
-soak: $(STAMP)
+soak: system-packages $(STAMP)
 	SOAK_SECONDS=$(SOAK_SECONDS) $(BIN)/python -m pytest -m soak -s --timeout=$$(( $(SOAK_SECONDS) + 600 )) \
 	    $(PYTEST_ARGS) tests/test_soak.py
 
-test: lint test-main test-tflite soak
+test: system-packages lint test-main test-tflite soak
 
 model: $(STAMP)
 	$(BIN)/edge-convert train --dataset digits --output $(MODEL_DIR) --epochs 12
@@ -75,10 +90,10 @@ model: $(STAMP)
 	$(BIN)/edge-convert sample-clip --model-dir edge_daemon/models \
 	    --output edge_daemon/samples/digits.mp4
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/edge-daemon demo $(if $(DURATION),--duration $(DURATION))
 
-env-example: $(STAMP)
+env-example: $(RUN_STAMP)
 	$(BIN)/edge-daemon env-example --output config/edge-daemon.env.example
 
 clean:
