@@ -8,6 +8,8 @@ Cameras are keyed by name, so each is a few plain environment lines::
     EDGE_CAMERAS__door__ROIS__porch=0.5,0.2,0.5,0.8
 
 Names are case-insensitive (the environment is read that way) and used in lower case in topics.
+Every value is checked here (finite, in range, bounded): a bad one stops the daemon at start with
+exit 78, rather than a camera or MQTT thread later.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import re
 import socket
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args, get_origin
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -33,6 +36,7 @@ from pydantic_settings import (
     EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from edge_daemon.errors import ConfigError
@@ -43,29 +47,80 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 BUNDLED_MODEL = PACKAGE_DIR / "models" / "digits.tflite"
 SAMPLE_CLIP = PACKAGE_DIR / "samples" / "digits.mp4"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+#: Longest path or other free text a setting takes (Linux's PATH_MAX).
+MAX_TEXT = 4096
+#: Largest ROI coordinate, in pixels: far beyond any frame, far below float overflow in round().
+MAX_PIXELS = 100_000
+#: MQTT encodes a user name or password with a 16-bit length.
+MQTT_MAX_BYTES = 65_535
 _T = TypeVar("_T")
 
 
 def _check_names(value: dict[str, _T], kind: str) -> dict[str, _T]:
     """Camera and ROI names end up in topics: letters, digits, '-' and '_' only."""
     for name in value:
-        if not re.match(NAME_PATTERN, name):
-            raise ValueError(f"{kind} name {name!r} must be letters, digits, '-' or '_'")
+        if not re.fullmatch(NAME_PATTERN, name):
+            raise ValueError(f"{kind} name {name[:64]!r} must be letters, digits, '-' or '_'")
     return value
 
 
+def _text(value: Any) -> Any:
+    """Refuse blank text, control characters and undecodable bytes (surrogates): they would
+    break a path, topic, URL or paho's UTF-8 encoding later, in some thread."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError("is empty: give a value, or leave the variable out")
+        if not value.isprintable():
+            raise ValueError("has control characters or bytes that are not UTF-8")
+    return value
+
+
+def _path(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_TEXT:
+        raise ValueError(f"is longer than {MAX_TEXT} characters")
+    return _text(value)
+
+
+FilePath = Annotated[Path, BeforeValidator(_path)]
+
+
+def _mqtt_string(text: str) -> str:
+    """A user name or password: MQTT sends it with a 16-bit length (paho fails otherwise)."""
+    if len(_text(text).encode()) > MQTT_MAX_BYTES:
+        raise ValueError(f"is longer than the {MQTT_MAX_BYTES} bytes MQTT allows")
+    return text
+
+
 class _Group(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False
+    )
+    #: Whether a path setting must name an existing file now, or is checked when used.
+    _paths_must_exist: ClassVar[bool] = True
+
+    @field_validator("*")
+    @classmethod
+    def _usable(cls, value: Any) -> Any:
+        if isinstance(value, Path):
+            try:  # stat() raises for a too long name, which would end a thread later
+                problem = "is a directory: give the path of a file" if value.is_dir() else ""
+                if not problem and cls._paths_must_exist and not value.is_file():
+                    problem = "does not exist or is not a file"
+            except OSError as exc:
+                problem = f"cannot be used ({exc.strerror})"
+            if problem:
+                raise ValueError(problem)
+        return _text(value)
 
 
 class Roi(_Group):
     """A region of interest: ``x, y, width, height`` in pixels, or in fractions of the frame
     when all four are at most 1 (``0.5,0.2,0.5,0.8`` is the right half, from 20% down)."""
 
-    x: float = Field(ge=0)
-    y: float = Field(ge=0)
-    width: float = Field(gt=0)
-    height: float = Field(gt=0)
+    x: float = Field(ge=0, le=MAX_PIXELS)
+    y: float = Field(ge=0, le=MAX_PIXELS)
+    width: float = Field(gt=0, le=MAX_PIXELS)
+    height: float = Field(gt=0, le=MAX_PIXELS)
 
     @model_validator(mode="before")
     @classmethod
@@ -105,24 +160,26 @@ class Roi(_Group):
 class CameraSettings(_Group):
     """One video source."""
 
-    source: str = Field(min_length=1)
+    source: str = Field(min_length=1, max_length=MAX_TEXT)
     """Device index or path (/dev/video0), video file, rtsp:// or http(s):// URL, or a
     GStreamer pipeline ending in appsink."""
     fps: float | None = Field(default=None, gt=0, le=240)
     """Frames per second to take at most (the rest are skipped); none: as fast as they come."""
-    width: int | None = Field(default=None, gt=0)
+    # OpenCV takes sizes as doubles: a huge integer would overflow in the camera's thread.
+    width: int | None = Field(default=None, gt=0, le=16_384)
     """Devices: capture width hint."""
-    height: int | None = Field(default=None, gt=0)
+    height: int | None = Field(default=None, gt=0, le=16_384)
     """Devices: capture height hint."""
-    fourcc: str | None = Field(default=None, min_length=4, max_length=4)
+    fourcc: str | None = Field(default=None, min_length=4, max_length=4, pattern=r"^[ -~]+$")
     """Devices: pixel format hint (MJPG helps USB cameras reach 720p30)."""
     loop: bool = True
     """Files: start again at the end (true) or stop the camera there."""
     realtime: bool = True
     """Files: play at the file's own frame rate, as a camera would deliver it."""
-    open_timeout_s: float = Field(default=10.0, gt=0)
+    # OpenCV takes whole milliseconds: a timeout much shorter could never be met.
+    open_timeout_s: float = Field(default=10.0, ge=0.1, le=600)
     """Give up opening a source after this long."""
-    read_timeout_s: float = Field(default=10.0, gt=0)
+    read_timeout_s: float = Field(default=10.0, ge=0.1, le=600)
     """A source that delivers no frame for this long is reopened."""
     rois: dict[str, Roi] = Field(default_factory=dict)
     """Named regions x,y,width,height (pixels, or fractions when all are at most 1), each one
@@ -137,9 +194,9 @@ class CameraSettings(_Group):
 class ModelSettings(_Group):
     """The model and how to run it."""
 
-    path: Path = BUNDLED_MODEL
+    path: FilePath = BUNDLED_MODEL
     """The ``.tflite`` file; its manifest ``NAME.json`` is read from beside it when present."""
-    labels: Path | None = None
+    labels: FilePath | None = None
     """Labels file for a model without a manifest (default: ``labels.txt`` beside the model)."""
     runtime: Literal["auto", "tflite_runtime", "ai_edge_litert", "tensorflow"] = "auto"
     """TFLite runtime; auto tries tflite_runtime, then ai_edge_litert, then tensorflow."""
@@ -147,19 +204,23 @@ class ModelSettings(_Group):
     """Interpreter threads (default: the runtime's choice)."""
     delegate: Literal["cpu", "edgetpu"] = "cpu"
     """``cpu``, or ``edgetpu`` for a Coral (the model must be compiled for it)."""
-    device: str | None = Field(default=None, pattern=r"^(usb|pci)(:\d+)?$")
+    device: str | None = Field(default=None, max_length=16, pattern=r"^(usb|pci)(:[0-9]+)?$")
     """Which Edge TPU: ``usb``, ``usb:0``, ``pci``, ``pci:0``; none for the first found."""
-    edgetpu_library: str | None = None
+    edgetpu_library: str | None = Field(default=None, max_length=MAX_TEXT)
     """The Edge TPU delegate library (default: ``libedgetpu.so.1`` on Linux)."""
-    fallback_path: Path | None = None
+    fallback_path: FilePath | None = None
     """A CPU model to run when the Edge TPU cannot be used; without one the daemon stops."""
     colour: Literal["gray", "rgb", "bgr"] | None = None
     """Model without a manifest: its colour order (default: gray for 1 channel, else rgb)."""
-    scale: float | None = None
+    # Bounded so that 255 * scale + offset stays finite even in float32.
+    scale: float | None = Field(default=None, ge=-1e6, le=1e6)
     """Model without a manifest: input = pixel * scale + offset (default: 1/255 for float or
     quantised uint8 input, else 1)."""
-    offset: float | None = None
+    offset: float | None = Field(default=None, ge=-1e6, le=1e6)
     """Model without a manifest: see scale (default: 0)."""
+
+    # A missing model or labels file is reported when loaded, with how to make one.
+    _paths_must_exist: ClassVar[bool] = False
 
 
 class ControlSettings(_Group):
@@ -178,7 +239,7 @@ class HomeAssistantSettings(_Group):
     enabled: bool = False
     """Publish retained discovery configs so Home Assistant's MQTT integration creates one
     sensor per camera region: its state the label, the prediction's fields as attributes."""
-    discovery_prefix: str = Field(default="homeassistant", pattern=r"^[^#+\s]+$")
+    discovery_prefix: str = Field(default="homeassistant", max_length=200, pattern=r"^[^#+\s]+$")
     """Home Assistant's MQTT discovery prefix; configs are re-sent when it says
     <prefix>/status online (after a restart)."""
 
@@ -199,11 +260,11 @@ class InferenceSettings(_Group):
 class MqttSettings(_Group):
     """The broker and how to talk to it."""
 
-    host: str = "127.0.0.1"
+    host: str = Field(default="127.0.0.1", max_length=253)
     """Broker host name or address."""
     port: int = Field(default=1883, ge=1, le=65535)
     """Broker port."""
-    client_id: str | None = None
+    client_id: str | None = Field(default=None, max_length=128, pattern=r"^[!-~]+$")
     """Client id (default: ``edge-daemon-<device_id>``)."""
     keepalive: int = Field(default=30, ge=5, le=65535)
     """Seconds between keepalive pings."""
@@ -211,51 +272,71 @@ class MqttSettings(_Group):
     """MQTT protocol version."""
     qos: Literal[0, 1, 2] = 1
     """QoS of prediction messages."""
-    topic_prefix: str | None = None
+    topic_prefix: str | None = Field(default=None, max_length=200)
     """Topic prefix (default: ``edge/<device_id>``)."""
-    username: str | None = None
+    username: str | None = Field(default=None, max_length=MQTT_MAX_BYTES)
     """Broker user name."""
     password: SecretStr | None = None
     """Broker password (never logged); or use password_file, or a systemd credential."""
-    password_file: Path | None = None
+    password_file: FilePath | None = None
     """A file whose first line is the broker password (when password is not set)."""
     tls: bool = False
     """Connect with TLS (implied by ca_file, cert_file)."""
-    ca_file: Path | None = None
+    ca_file: FilePath | None = None
     """CA certificate(s) to verify the broker with (default: the system's)."""
-    cert_file: Path | None = None
+    cert_file: FilePath | None = None
     """Client certificate, for brokers that require one."""
-    key_file: Path | None = None
+    key_file: FilePath | None = None
     """The client certificate's private key."""
     tls_insecure: bool = False
     """Do not check that the broker's certificate names EDGE_MQTT__HOST. Unsafe: only for
     testing; logged as a warning."""
     queue_size: int = Field(default=10_000, ge=10, le=10_000_000)
     """Messages kept while the broker is slow or away; beyond this the oldest are dropped."""
-    stats_interval_s: float = Field(default=30.0, ge=0)
+    stats_interval_s: float = Field(default=30.0, ge=0, le=86_400)
     """Seconds between ``stats`` messages (0: none)."""
-    reconnect_min_s: float = Field(default=1.0, gt=0)
+    reconnect_min_s: float = Field(default=1.0, ge=0.1, le=3600)
     """Seconds before the first reconnect attempt; doubles with each failure."""
-    reconnect_max_s: float = Field(default=30.0, gt=0)
+    reconnect_max_s: float = Field(default=30.0, ge=0.1, le=3600)
     """Longest wait between reconnect attempts, in seconds."""
 
-    @field_validator("password_file", "ca_file", "cert_file", "key_file")
+    @field_validator("host")
     @classmethod
-    def _readable(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
-            raise ValueError(f"file {value} does not exist or is not a file")
+    def _host(cls, value: str) -> str:
+        # paho resolves the name in its own thread, which a UnicodeError (a label of 64
+        # characters, or an empty one) would end.
+        try:
+            ascii_name = value.encode("idna")
+        except UnicodeError:
+            ascii_name = b" "
+        if b" " in ascii_name:
+            raise ValueError("give a host name (labels of 1 to 63 characters) or an IP address")
+        return value
+
+    @field_validator("username", "password")
+    @classmethod
+    def _mqtt_strings(cls, value: str | SecretStr | None) -> str | SecretStr | None:
+        if value is not None:
+            _mqtt_string(value.get_secret_value() if isinstance(value, SecretStr) else value)
         return value
 
     @model_validator(mode="after")
     def _password_and_tls(self) -> MqttSettings:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("set both EDGE_MQTT__CERT_FILE and EDGE_MQTT__KEY_FILE, or neither")
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ValueError(
+                "EDGE_MQTT__RECONNECT_MIN_S: must be at most EDGE_MQTT__RECONNECT_MAX_S"
+            )
         if self.password is None and self.password_file is not None:
-            try:
-                first = self.password_file.read_text(encoding="utf-8").splitlines()
+            try:  # only the first line is used: read no more than it can be
+                with self.password_file.open(encoding="utf-8") as handle:
+                    first = _mqtt_string(handle.readline(MQTT_MAX_BYTES + 1).rstrip("\r\n"))
             except (OSError, UnicodeDecodeError):
-                raise ValueError(f"cannot read {self.password_file}") from None
-            object.__setattr__(self, "password", SecretStr(first[0] if first else ""))
+                raise ValueError("EDGE_MQTT__PASSWORD_FILE: cannot be read as UTF-8") from None
+            except ValueError as exc:
+                raise ValueError(f"EDGE_MQTT__PASSWORD_FILE: its first line {exc}") from None
+            object.__setattr__(self, "password", SecretStr(first))
         return self
 
     @property
@@ -326,10 +407,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
         env_nested_delimiter=DELIMITER,
+        env_file_encoding="utf-8",
         hide_input_in_errors=True,
         extra="forbid",
         frozen=True,
         use_attribute_docstrings=True,
+        allow_inf_nan=False,
     )
 
     device_id: str = Field(default_factory=_default_device_id, pattern=NAME_PATTERN)
@@ -376,31 +459,63 @@ def env_name(loc: tuple[int | str, ...]) -> str:
     """The environment variable for a field location: ``("mqtt", "port")`` -> ``EDGE_MQTT__PORT``.
 
     Camera and ROI names are dictionary keys and keep their case; field names are upper case.
+    A ROI is one variable: the location of one of its four numbers gives the ROI's.
     """
     parts: list[str] = []
     keyed = False
     for part in loc:
         text = str(part)
         parts.append(text if keyed else text.upper())
+        if keyed and parts[-2] == "ROIS":
+            break
         keyed = text in {"cameras", "rois"} and not keyed
-    return ENV_PREFIX + DELIMITER.join(parts)
+    name = DELIMITER.join(parts)  # an unknown one from the env file comes whole
+    return name if name.startswith(ENV_PREFIX) else ENV_PREFIX + name
 
 
-def _known_prefixes() -> set[str]:
-    return {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+def _is_group(name: str) -> bool:
+    """True for a variable that names a group of settings (``EDGE_MQTT``, ``EDGE_CAMERAS__door``,
+    its ``ROIS``) rather than one setting; a ROI is one setting, written as text."""
+    if not name.upper().startswith(ENV_PREFIX):
+        return False
+    kind: Any = Settings
+    for part in name[len(ENV_PREFIX) :].lower().split(DELIMITER):
+        if get_origin(kind) is dict:
+            kind = get_args(kind)[1]
+        elif isinstance(kind, type) and issubclass(kind, BaseModel) and part in kind.model_fields:
+            kind = kind.model_fields[part].annotation
+        else:
+            return False
+    is_model = isinstance(kind, type) and issubclass(kind, BaseModel) and kind is not Roi
+    return is_model or get_origin(kind) is dict
+
+
+_GROUP = (
+    "{0}: a group of settings, not a value of its own: set them one by one as "
+    "{0}__<SETTING>=value (see config/edge-daemon.env.example)"
+)
 
 
 def _unknown_variables(environ: Iterable[str]) -> list[str]:
-    known = _known_prefixes()
-    unknown = []
-    for key in environ:
-        upper = key.upper()
-        if not upper.startswith(ENV_PREFIX):
-            continue
-        head = upper.split(DELIMITER)[0]
-        if head not in known:
-            unknown.append(key)
-    return sorted(unknown)
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    edge = [key for key in environ if key.upper().startswith(ENV_PREFIX)]
+    return sorted(key for key in edge if key.upper().split(DELIMITER)[0] not in known)
+
+
+def _read_env_file(env_file: Path) -> str:
+    """The text of ``env_file``, or a :class:`ConfigError` saying what it is instead."""
+    try:
+        if env_file.is_file():
+            return env_file.read_bytes().decode("utf-8")
+        problem = "is a directory" if env_file.is_dir() else "does not exist or is not a file"
+    except UnicodeDecodeError:
+        problem = "is not UTF-8 text"
+    except OSError as exc:
+        problem = f"cannot be read ({exc.strerror})"
+    raise ConfigError(
+        f"env file {env_file} {problem}: give the path of a UTF-8 file of "
+        "EDGE_...=value lines (see config/edge-daemon.env.example)"
+    )
 
 
 def load_settings(env_file: Path | None = None, **overrides: Any) -> Settings:
@@ -412,11 +527,7 @@ def load_settings(env_file: Path | None = None, **overrides: Any) -> Settings:
     """
     env = os.environ
     problems = []
-    if env_file is not None and not env_file.is_file():
-        raise ConfigError(
-            f"env file {env_file} does not exist: give the path of a file of "
-            "EDGE_...=value lines (see config/edge-daemon.env.example)"
-        )
+    env_text = "" if env_file is None else _read_env_file(env_file)
     for key in _unknown_variables([*env, *credential_files()]):
         problems.append(
             f"{key}: unknown setting (see config/edge-daemon.env.example for the names)"
@@ -424,19 +535,32 @@ def load_settings(env_file: Path | None = None, **overrides: Any) -> Settings:
     kwargs: dict[str, Any] = dict(overrides)
     if env_file is not None:
         kwargs["_env_file"] = env_file
+    settings = None
     try:
         settings = Settings(**kwargs)
     except ValidationError as exc:
         for error in exc.errors(include_url=False, include_input=False):
-            problems.append(f"{env_name(error['loc'])}: {_message(error)}")
-        settings = None
+            name = env_name(error["loc"])
+            # Within a ROI, which of its numbers; a check across fields names its variable.
+            rest = [str(p) for p in error["loc"][name.count(DELIMITER) + 1 :]]
+            message = ": ".join([*rest, _message(error, name)])
+            problems.append(message if message.startswith(name) else f"{name}: {message}")
+    except SettingsError as exc:
+        # pydantic-settings parses a value given to a whole group (EDGE_MQTT=x) as JSON, and
+        # says only which top-level field failed: name the variables that did it.
+        field = re.search(r'field "(\w+)"', str(exc))
+        head = ENV_PREFIX + (field.group(1).upper() if field else "")
+        in_file = re.findall(r"^\s*(?:export\s+)?([\w.-]+)\s*=", env_text, re.MULTILINE)
+        names = [*env, *credential_files(), *in_file]
+        groups = sorted({n for n in names if n.upper().startswith(head) and _is_group(n)})
+        problems += [_GROUP.format(name) for name in groups or [head]]
     if problems:
         raise ConfigError("; ".join(problems), problems)
     assert settings is not None
     return settings
 
 
-def _message(error: Any) -> str:
+def _message(error: Any, name: str) -> str:
     msg = str(error["msg"])
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
@@ -444,4 +568,6 @@ def _message(error: Any) -> str:
         msg = "unknown setting (see config/edge-daemon.env.example for the names)"
     if error["type"] == "missing":
         msg = "required, but not set"
+    if error["type"] in {"model_type", "dict_type"} and _is_group(name):
+        msg = _GROUP.format(name)
     return msg
