@@ -13,8 +13,8 @@ import json
 import tracemalloc
 
 from edge_daemon.broker import free_port
+from edge_daemon.config import load_settings
 from edge_daemon.publisher import Publisher
-from edge_daemon.settings import load_settings
 
 
 def payload(n: int) -> bytes:

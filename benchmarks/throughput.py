@@ -16,8 +16,9 @@ import threading
 import time
 
 from edge_daemon.broker import listening, start_mosquitto
+from edge_daemon.config import load_settings
 from edge_daemon.pipeline import Daemon
-from edge_daemon.settings import SAMPLE_CLIP, load_settings, sample_camera_rois
+from edge_daemon.settings import SAMPLE_CLIP, sample_camera_rois
 
 
 def measure(cameras: int, max_batch: int, seconds: float, host: str, port: int) -> dict[str, float]:

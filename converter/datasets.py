@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from converter.errors import BadInputError, InputMissingError
-from edge_daemon.preprocess import Frame, as_frame
+from edge_daemon.preprocess import Image, as_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 
@@ -27,7 +27,7 @@ class Dataset:
     """Images (uint8, ``(H, W)`` gray or ``(H, W, 3)`` BGR), their labels and the class names."""
 
     name: str
-    images: list[Frame]
+    images: list[Image]
     labels: npt.NDArray[np.int64]
     classes: tuple[str, ...]
 
@@ -77,7 +77,7 @@ def _digits() -> Dataset:
 
 def _folder(path: Path) -> Dataset:
     class_dirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-    images: list[Frame] = []
+    images: list[Image] = []
     labels: list[int] = []
     classes: list[str] = []
     for class_dir in class_dirs:
@@ -103,21 +103,21 @@ def _folder(path: Path) -> Dataset:
     if len(gray) > 1:
         # Mixed gray and colour files: treat the set as colour.
         images = [
-            as_frame(cv2.cvtColor(i, cv2.COLOR_GRAY2BGR)) if i.ndim == 2 else i for i in images
+            as_image(cv2.cvtColor(i, cv2.COLOR_GRAY2BGR)) if i.ndim == 2 else i for i in images
         ]
     return Dataset(path.name, images, np.asarray(labels, dtype=np.int64), tuple(classes))
 
 
-def _as_frame(decoded: npt.NDArray[np.generic], where: str) -> Frame:
+def _as_frame(decoded: npt.NDArray[np.generic], where: str) -> Image:
     if decoded.dtype == np.uint16:
         decoded = (decoded.astype(np.uint16) >> 8).astype(np.uint8)
     if decoded.dtype != np.uint8:
         raise BadInputError(f"{where} has {decoded.dtype} pixels: use 8-bit images")
-    image = as_frame(decoded)
+    image = as_image(decoded)
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
     if image.ndim == 3 and image.shape[2] == 4:
-        image = as_frame(cv2.cvtColor(image, cv2.COLOR_BGRA2BGR))
+        image = as_image(cv2.cvtColor(image, cv2.COLOR_BGRA2BGR))
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
         raise BadInputError(f"{where} is not a gray or colour image (shape {image.shape})")
     return image
@@ -155,7 +155,7 @@ def _npz(path: Path) -> Dataset:
     x = x.astype(np.uint8)
     if x.ndim == 4 and x.shape[3] == 1:
         x = x[..., 0]
-    images = list(x) if x.ndim == 3 else [as_frame(cv2.cvtColor(i, cv2.COLOR_RGB2BGR)) for i in x]
+    images = list(x) if x.ndim == 3 else [as_image(cv2.cvtColor(i, cv2.COLOR_RGB2BGR)) for i in x]
     count = int(y.max(initial=-1)) + 1
     classes = tuple(str(n) for n in names) if names is not None else tuple(map(str, range(count)))
     if int(y.min(initial=0)) < 0 or count > len(classes):

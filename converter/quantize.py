@@ -22,7 +22,6 @@ from edge_daemon.manifest import QuantizationMode
 log = logging.getLogger(__name__)
 
 IoType = Literal["uint8", "int8"]
-MODES: tuple[QuantizationMode, ...] = ("int8", "float16", "dynamic", "float32")
 
 
 def convert(

@@ -1,7 +1,5 @@
 """``python -m edge_daemon``."""
 
-import sys
+from edge_daemon.cli import entry
 
-from edge_daemon.cli import main
-
-sys.exit(main())
+entry()

@@ -14,8 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edge_daemon.capture import Camera, Frame
-from edge_daemon.preprocess import Frame as Image
-from edge_daemon.preprocess import crop
+from edge_daemon.preprocess import Image, crop
 from edge_daemon.settings import Roi
 
 WHOLE_FRAME = "frame"

@@ -20,11 +20,10 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from edge_daemon.engine import Engine
+from edge_daemon.engine import Engine, load_engine, model_summary
 from edge_daemon.errors import EdgeDaemonError
-from edge_daemon.pipeline import load_engine, model_summary, sample_camera
-from edge_daemon.preprocess import Frame, preprocess_batch
-from edge_daemon.settings import SAMPLE_CLIP, Settings
+from edge_daemon.preprocess import Image, preprocess_batch
+from edge_daemon.settings import SAMPLE_CLIP, Settings, sample_camera
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ class BatchResult:
     same_as_batch_1: bool
 
 
-def sample_crops(count: int) -> list[Frame]:
+def sample_crops(count: int) -> list[Image]:
     """``count`` crops of the sample clip's digit region, one per digit shown, as cameras would
     hand them over (distinct images, so a batch that mixes up its rows is caught)."""
     meta = json.loads(SAMPLE_CLIP.with_suffix(".json").read_text(encoding="utf-8"))
@@ -51,7 +50,7 @@ def sample_crops(count: int) -> list[Frame]:
         raise EdgeDaemonError(
             f"cannot read the sample clip {SAMPLE_CLIP}: is OpenCV's FFmpeg there?"
         )
-    crops: list[Frame] = []
+    crops: list[Image] = []
     number = 0
     try:
         while len(crops) < count:
@@ -87,7 +86,7 @@ def _time_batches(
     return times, top1
 
 
-def preprocess_ms(engine: Engine, crops: list[Frame], seconds: float) -> float:
+def preprocess_ms(engine: Engine, crops: list[Image], seconds: float) -> float:
     """Median time to crop-resize-normalise one image into the model's input, in ms."""
     times: list[float] = []
     deadline = time.perf_counter() + seconds
@@ -99,7 +98,7 @@ def preprocess_ms(engine: Engine, crops: list[Frame], seconds: float) -> float:
 
 
 def run_bench(
-    engine: Engine, sizes: list[int], seconds: float, crops: list[Frame] | None = None
+    engine: Engine, sizes: list[int], seconds: float, crops: list[Image] | None = None
 ) -> list[BatchResult]:
     """Measure each batch size on the same images, batch 1 first."""
     largest = max(sizes)

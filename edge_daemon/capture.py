@@ -1,145 +1,36 @@
-"""Cameras: open a source, read it on a thread, keep only the freshest frame, reconnect.
+"""Cameras: read a source on a thread, keep only the freshest frame, reconnect.
 
 One :class:`Camera` per source. Its reader thread reads continuously and overwrites a single
-slot, so a slow inference never makes latency or memory grow. A source that fails to open, stops
-delivering, or ends is closed and reopened with jittered exponential backoff; other cameras are
-not affected. OpenCV's FFmpeg timeouts are passed when the source is opened (they are honoured
-only then), and the daemon also watches each camera from outside, since a read can still block.
+slot, so a slow inference never makes latency or memory grow. Frames that the FPS cap (or a
+pause) would drop are only grabbed, never decoded into an image. A source that fails to open,
+stops delivering, or ends is closed and reopened with jittered exponential backoff, by its own
+thread, independently of every other camera. The capture belongs to that thread alone: it opens
+it, reads it and releases it, so no other thread can release a capture a read is inside. The
+daemon also watches each camera from outside, since a read can still block.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, Protocol
 
 import cv2
 import numpy as np
 
 from edge_daemon.backoff import Backoff
-from edge_daemon.errors import CaptureError, ConfigError
-from edge_daemon.preprocess import Frame as Image
+from edge_daemon.errors import CaptureError
+from edge_daemon.preprocess import Image
 from edge_daemon.settings import CameraSettings
+from edge_daemon.sources import Opener, VideoSource, open_source, redact, source_kind
+from edge_daemon.stage import StageThread
 
 log = logging.getLogger(__name__)
 
-SourceKind = Literal["device", "file", "stream", "gstreamer"]
-_STREAM = re.compile(r"^(rtsps?|https?|rtmp|udp|tcp|srt)://", re.IGNORECASE)
-_DEVICE = re.compile(r"^(\d+|/dev/video\d+)$")
 #: Failed reads in a row after which a live source counts as gone and is reopened.
 MAX_BAD_READS = 25
-
-
-class VideoSource(Protocol):
-    """What the camera needs of a capture: OpenCV's ``VideoCapture`` has all of it."""
-
-    def isOpened(self) -> bool: ...  # noqa: N802 - OpenCV's name
-    def read(self) -> tuple[bool, Any]: ...
-    def get(self, prop: int) -> float: ...
-    def set(self, prop: int, value: float) -> bool: ...
-    def release(self) -> None: ...
-
-
-Opener = Callable[[CameraSettings], VideoSource]
-
-
-def quiet_opencv(debug: bool) -> None:
-    """Keep OpenCV's own warnings (e.g. "backend is generally available but can't be used to
-    capture by name" on every reopen) out of the log unless ``--debug`` or OPENCV_LOG_LEVEL
-    asks for them: the camera's own log lines say the same, with the camera's name."""
-    if debug or "OPENCV_LOG_LEVEL" in os.environ:
-        return
-    try:  # OpenCV 5
-        from cv2.utils import logging as cv_logging  # noqa: PLC0415
-
-        cv_logging.setLogLevel(cv_logging.LOG_LEVEL_ERROR)
-    except ImportError:  # OpenCV 4 (its stubs are not the ones type-checked here)
-        getattr(cv2, "setLogLevel")(2)  # noqa: B009 - errors only
-
-
-def source_kind(source: str) -> SourceKind:
-    """What kind of source a setting names."""
-    if _DEVICE.match(source.strip()):
-        return "device"
-    if _STREAM.match(source.strip()):
-        return "stream"
-    if "!" in source:
-        return "gstreamer"
-    return "file"
-
-
-#: ``scheme://user:`` then everything up to the last ``@`` of that word: passwords are not
-#: always URL-encoded, so one may hold ``@`` or ``/``. Redacting too much is the safe side.
-_USERINFO = re.compile(r"([a-z][a-z0-9+.-]*://[^:/@\s]*:)\S*@", re.IGNORECASE)
-#: ``password=...`` in a query string, and GStreamer's ``user-pw=...`` property.
-_SECRET_PARAM = re.compile(
-    r"\b(password|passwd|pwd|pass|user-pw|token|secret|key)=([^&\s!]+)", re.IGNORECASE
-)
-
-
-def redact(text: str) -> str:
-    """``text`` (a source, or a message that holds one) with passwords replaced by ``***``."""
-    return _SECRET_PARAM.sub(r"\1=***", _USERINFO.sub(r"\1***@", text))
-
-
-_NO_GSTREAMER = (
-    "this OpenCV is built without GStreamer (the opencv-python-headless wheel from PyPI is), "
-    "so a pipeline cannot be opened: give an rtsp:// or http:// URL or a device instead, or "
-    "run the daemon on an OpenCV built with GStreamer"
-)
-
-
-def require_backends(cameras: dict[str, CameraSettings]) -> None:
-    """Refuse, naming each variable, sources that this OpenCV build can never open."""
-    if cv2.videoio_registry.hasBackend(cv2.CAP_GSTREAMER):
-        return
-    problems = [
-        f"EDGE_CAMERAS__{name}__SOURCE: {_NO_GSTREAMER}"
-        for name, camera in cameras.items()
-        if source_kind(camera.source) == "gstreamer"
-    ]
-    if problems:
-        raise ConfigError(problems[0], problems)
-
-
-def open_source(settings: CameraSettings) -> VideoSource:
-    """Open a source with OpenCV, passing timeouts and hints where the backend takes them."""
-    source = settings.source.strip()
-    kind = source_kind(source)
-    open_ms, read_ms = int(settings.open_timeout_s * 1000), int(settings.read_timeout_s * 1000)
-    timeouts = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, open_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, read_ms]
-    if kind == "device":
-        target: int | str = int(source) if source.isdigit() else source
-        capture = cv2.VideoCapture(target, cv2.CAP_V4L2)
-        if settings.fourcc:
-            capture.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter.fourcc(*settings.fourcc))
-        if settings.width:
-            capture.set(cv2.CAP_PROP_FRAME_WIDTH, settings.width)
-        if settings.height:
-            capture.set(cv2.CAP_PROP_FRAME_HEIGHT, settings.height)
-        if settings.fps:
-            capture.set(cv2.CAP_PROP_FPS, settings.fps)
-    elif kind == "gstreamer":
-        if not cv2.videoio_registry.hasBackend(cv2.CAP_GSTREAMER):
-            raise CaptureError(_NO_GSTREAMER)
-        capture = cv2.VideoCapture(source, cv2.CAP_GSTREAMER)
-    elif kind == "stream":
-        capture = cv2.VideoCapture(source, cv2.CAP_FFMPEG, timeouts)
-    else:
-        path = Path(source)
-        if "%" not in source and not path.is_file():
-            raise CaptureError(f"video file {redact(source)} does not exist")
-        capture = cv2.VideoCapture(source, cv2.CAP_FFMPEG if "%" not in source else cv2.CAP_ANY)
-    if not capture.isOpened():
-        capture.release()
-        raise CaptureError(f"cannot open {kind} {redact(source)}")
-    return capture
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,16 +78,17 @@ class Camera:
         #: Why the source last failed to open, said once until it changes or frames arrive.
         self._open_failure = ""
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        #: The reader thread, once started.
+        self.thread: StageThread | None = None
 
     # --- public ----------------------------------------------------------------------------
 
     def start(self) -> None:
         """Start the reader thread."""
-        if self._thread is not None:
+        if self.thread is not None:
             raise RuntimeError(f"camera {self.name} already started")
-        self._thread = threading.Thread(target=self._run, name=f"camera-{self.name}", daemon=True)
-        self._thread.start()
+        self.thread = StageThread(f"camera-{self.name}", self._run)
+        self.thread.start()
 
     def request_stop(self) -> None:
         """Ask the reader to stop, without waiting for it."""
@@ -205,8 +97,14 @@ class Camera:
     def stop(self, timeout: float = 2.0) -> None:
         """Stop reading; the thread ends once its current read returns."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def death(self) -> str | None:
+        """Why the reader thread ended while it should still run (None while all is well)."""
+        if self.thread is None or self._stop.is_set() or self._finished:
+            return None
+        return self.thread.death()
 
     @property
     def online(self) -> bool:
@@ -315,9 +213,16 @@ class Camera:
         next_due = time.monotonic()
         while not self._stop.is_set():
             position = int(capture.get(cv2.CAP_PROP_POS_FRAMES)) if is_file else counter
-            ok, image = capture.read()
+            # Decide before reading: a frame nobody will use is grabbed, not decoded (a paused
+            # camera still keeps one frame a second, for snapshots).
+            gap = max(min_gap, 1.0) if self.paused else min_gap
+            wanted = not gap or time.monotonic() - last_kept >= gap * 0.98
+            if wanted:
+                ok, image = capture.read()
+            else:
+                ok, image = capture.grab(), None
             now = time.monotonic()
-            if not ok or image is None:
+            if not ok or (wanted and image is None):
                 if is_file and counter > 0 and self.settings.loop:
                     capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
                     if int(capture.get(cv2.CAP_PROP_POS_FRAMES)) != 0:
@@ -350,16 +255,15 @@ class Camera:
                     self._stop.wait(delay)
                 else:
                     next_due = time.monotonic()
-            if min_gap and now - last_kept < min_gap * 0.98:
+            if not wanted:
                 self.frames_skipped += 1
                 continue
             last_kept = now
-            self._publish(
-                Frame(np.ascontiguousarray(image), position, time.monotonic(), time.time())
-            )
+            self.offer(Frame(np.ascontiguousarray(image), position, time.monotonic(), time.time()))
         return "stopped"
 
-    def _publish(self, frame: Frame) -> None:
+    def offer(self, frame: Frame) -> None:
+        """Make ``frame`` the freshest (the reader thread hands each kept frame over here)."""
         with self._lock:
             self._frame = frame
             self._seq += 1

@@ -11,11 +11,12 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_daemon.capture import open_source, redact
+from edge_daemon.config import load_settings
+from edge_daemon.engine import load_engine, model_summary
 from edge_daemon.errors import EdgeDaemonError
-from edge_daemon.pipeline import load_engine, model_summary, sample_camera
 from edge_daemon.publisher import close_client, diagnose, tls_context
-from edge_daemon.settings import CameraSettings, Settings, load_settings
+from edge_daemon.settings import CameraSettings, Settings, sample_camera
+from edge_daemon.sources import open_source, redact
 
 
 def _check_source(settings: CameraSettings, timeout: float) -> str:

@@ -1,13 +1,15 @@
 """``edge-daemon``: run the daemon, check a configuration, write the settings example.
 
 Exit codes: 0 clean stop; 78 (EX_CONFIG) bad settings or an unusable model, which systemd must
-not restart in a loop (``RestartPreventExitStatus=78``); 1 unexpected failure; 2 bad command line.
+not restart in a loop (``RestartPreventExitStatus=78``); 1 unexpected failure or a stage that
+died (systemd restarts the daemon); 2 bad command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -16,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 
 from edge_daemon import __version__
-from edge_daemon.errors import ConfigError, EdgeDaemonError
+from edge_daemon.errors import ConfigError, EdgeDaemonError, UsageError
 
 log = logging.getLogger("edge_daemon")
 
@@ -61,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--env-file", type=Path, help="a file of EDGE_...=value lines")
     check.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=5.0,
         help="seconds to wait for each source and the broker (default: 5)",
     )
@@ -113,10 +115,14 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from edge_daemon.capture import quiet_opencv  # noqa: PLC0415 - fast --help
-    from edge_daemon.pipeline import Daemon, model_summary  # noqa: PLC0415
-    from edge_daemon.settings import load_settings  # noqa: PLC0415
+    from edge_daemon.config import load_settings  # noqa: PLC0415
+    from edge_daemon.engine import model_summary  # noqa: PLC0415 - a fast --help
+    from edge_daemon.pipeline import Daemon  # noqa: PLC0415
+    from edge_daemon.sources import quiet_opencv  # noqa: PLC0415
 
+    # First of all: a stop asked for while the model loads must be a clean stop too.
+    stop = threading.Event()
+    _stop_on_signals(stop)
     settings = load_settings(args.env_file)
     _setup_logging(settings.log_level, args.debug)
     quiet_opencv(args.debug)
@@ -128,29 +134,31 @@ def _run(args: argparse.Namespace) -> int:
             "Set EDGE_CAMERAS__<name>__SOURCE (a device, file, rtsp:// or http:// URL) "
             "to use your own"
         )
-    stop = threading.Event()
-    _stop_on_signals(stop)
     daemon.start()
     try:
         daemon.run(duration=args.duration, stop=stop)
     finally:
         daemon.stop()
+    for name in daemon.stuck_threads():
+        log.debug("%s is still inside OpenCV or the runtime; not waiting for it", name)
     if daemon.fatal is not None:
         print(f"edge-daemon: error: {daemon.fatal}", file=sys.stderr)
-        return 1
+        return daemon.fatal.exit_code
     log.info("stopped")
     return 0
 
 
 def _check(args: argparse.Namespace) -> int:
     from edge_daemon.checks import run_checks  # noqa: PLC0415
+    from edge_daemon.sources import quiet_opencv  # noqa: PLC0415
 
+    quiet_opencv(args.debug)
     return run_checks(args.env_file, args.timeout)
 
 
 def _bench(args: argparse.Namespace) -> int:
     from edge_daemon.bench import bench  # noqa: PLC0415
-    from edge_daemon.settings import load_settings  # noqa: PLC0415
+    from edge_daemon.config import load_settings  # noqa: PLC0415
 
     settings = load_settings(args.env_file)
     _setup_logging(settings.log_level, args.debug)
@@ -163,7 +171,13 @@ def _env_example(args: argparse.Namespace) -> int:
 
     text = generate()
     if args.output:
-        write_atomic(args.output, text.encode("utf-8"))
+        output: Path = args.output
+        # Writing is a rename over the target: never over a device, a pipe or a folder.
+        if output.exists() and not output.is_file():
+            raise UsageError(f"--output {output} exists and is not a regular file")
+        if not output.parent.is_dir():
+            raise UsageError(f"--output {output}: folder {output.parent} does not exist")
+        write_atomic(output, text.encode("utf-8"))
     else:
         print(text, end="")
     return 0
@@ -212,3 +226,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _threads_left() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()]
+
+
+def entry() -> None:
+    """The console script: :func:`main`, then exit.
+
+    A camera thread can still be inside OpenCV (an open or read that has not timed out yet)
+    when the daemon has stopped. Letting the interpreter finalise around it aborts the process
+    (``terminate called without an active exception``, exit 134, or a segfault) after a clean
+    stop. So once everything that matters is flushed and closed, a process with such threads
+    left ends with ``os._exit``, which runs no finalisers over them.
+    """
+    code = main()
+    if _threads_left():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

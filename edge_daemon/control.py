@@ -10,22 +10,34 @@ Commands (JSON Schema: ``schemas/cmd.v1.json``)::
 
 An optional ``"id"`` is echoed in the reply on ``<prefix>/cmd/result``. Anything else is
 rejected with a warning and a reply saying why; nothing a message says can stop the daemon.
-A flood of bad messages is not echoed back as a flood of replies: rejections are answered at
-most ``REJECT_REPLIES_PER_S`` a second (after a burst of ``REJECT_REPLY_BURST``), the rest are
-only counted.
+
+Floods are bounded at every step: a message larger than ``EDGE_CONTROL__MAX_PAYLOAD_BYTES`` is
+dropped on arrival without being kept; the inbox holds at most 64 messages; each command kind
+is carried out at most at its own rate (:data:`COMMAND_LIMITS`), the rest rejected; rejections
+are answered at most ``REJECT_REPLIES_PER_S`` a second (after a burst of
+``REJECT_REPLY_BURST``) and logged at most once a second, the rest only counted.
 """
 
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable
-from typing import Annotated, Literal
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Annotated, Literal
 
+import cv2
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from edge_daemon.prediction import encode
+
+if TYPE_CHECKING:
+    from edge_daemon.capture import Camera
+    from edge_daemon.publisher import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +68,8 @@ class Threshold(_Command):
     """Change the score threshold below which labels are null."""
 
     cmd: Literal["threshold"]
-    value: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+    # Strict: "0.7" or true is a mistake to point out, not a value to coerce.
+    value: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False, strict=True)]
 
 
 class Snapshot(_Command):
@@ -104,22 +117,38 @@ def command_schema() -> dict[str, object]:
 
 
 class Inbox:
-    """Command messages from paho's thread, waiting for the supervisor; bounded, oldest dropped."""
+    """Command messages from paho's thread, waiting for the supervisor; bounded, oldest dropped.
 
-    def __init__(self, size: int = 64) -> None:
+    A message over ``max_bytes`` is counted and not kept: a burst of large messages must not
+    turn into memory held until the supervisor gets round to reading them.
+    """
+
+    def __init__(self, max_bytes: int, size: int = 64) -> None:
         self._queue: collections.deque[bytes] = collections.deque(maxlen=size)
         self._lock = threading.Lock()
+        self.max_bytes = max_bytes
         self.received = 0
         #: Messages dropped unread because more arrived than the daemon handles (a flood).
         self.dropped = 0
+        #: Messages dropped on arrival for being larger than ``max_bytes``.
+        self.oversize = 0
+        self._oversize_seen = 0
 
     def put(self, payload: bytes) -> None:
-        """Called from paho's network thread: only store it."""
+        """Called from paho's network thread: only check the size and store it."""
         with self._lock:
+            self.received += 1
+            if len(payload) > self.max_bytes:
+                self.oversize += 1
+                return
             if len(self._queue) == self._queue.maxlen:
                 self.dropped += 1
             self._queue.append(payload)
-            self.received += 1
+
+    def pending(self) -> int:
+        """Messages waiting."""
+        with self._lock:
+            return len(self._queue)
 
     def drain(self) -> list[bytes]:
         """Everything waiting, oldest first."""
@@ -127,6 +156,13 @@ class Inbox:
             items = list(self._queue)
             self._queue.clear()
         return items
+
+    def oversize_since_last_call(self) -> int:
+        """Oversize messages dropped since this was last asked."""
+        with self._lock:
+            new = self.oversize - self._oversize_seen
+            self._oversize_seen = self.oversize
+        return new
 
 
 #: Rejections answered on ``cmd/result`` per second, after a first burst; the rest are counted.
@@ -155,3 +191,153 @@ class RateLimit:
             self._tokens -= 1.0
             return True
         return False
+
+
+#: How often each command kind is carried out at most: (per second, burst). A snapshot encodes
+#: a JPEG and status builds the statistics: a flood of either must not eat the CPU.
+COMMAND_LIMITS: Mapping[str, tuple[float, int]] = {
+    "pause": (5.0, 10),
+    "resume": (5.0, 10),
+    "threshold": (5.0, 10),
+    "snapshot": (1.0, 3),
+    "status": (1.0, 3),
+}
+
+
+def release_memory() -> bool:
+    """Hand freed heap memory back to the system (glibc's ``malloc_trim``).
+
+    A burst of megabyte messages is read by paho into large buffers; once freed, glibc keeps
+    them in its arenas, and the resident size stays high for good. False where there is no
+    glibc.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    trim(0)
+    return True
+
+
+class Controller:
+    """Carries out control messages from the inbox, on the supervisor's thread."""
+
+    def __init__(
+        self,
+        inbox: Inbox,
+        *,
+        publisher: Publisher,
+        cameras: Mapping[str, Camera],
+        set_threshold: Callable[[float], None],
+        publish_stats: Callable[[], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.inbox = inbox
+        self._publisher = publisher
+        self._cameras = cameras
+        self._set_threshold = set_threshold
+        self._publish_stats = publish_stats
+        self._limits = {
+            kind: RateLimit(rate, burst, clock) for kind, (rate, burst) in COMMAND_LIMITS.items()
+        }
+        self._reject_log = RateLimit(1.0, 1, clock)
+        self._done_log = RateLimit(1.0, 5, clock)
+        self._reject_reply = RateLimit(REJECT_REPLIES_PER_S, REJECT_REPLY_BURST, clock)
+        self._trim = RateLimit(0.2, 1, clock)
+        self.ok = 0
+        self.rejected = 0
+        #: Valid commands rejected because their kind came faster than its limit.
+        self.limited = 0
+        #: Rejected messages not answered on ``cmd/result`` because of a flood.
+        self.unanswered = 0
+
+    def poll(self) -> None:
+        """Handle everything waiting in the inbox."""
+        for payload in self.inbox.drain():
+            self.handle(payload)
+        if self.inbox.oversize_since_last_call():
+            log.log(
+                logging.WARNING if self._reject_log.allow() else logging.DEBUG,
+                "dropped control messages over EDGE_CONTROL__MAX_PAYLOAD_BYTES=%d (%d so far)",
+                self.inbox.max_bytes,
+                self.inbox.oversize,
+            )
+            if self._trim.allow():
+                release_memory()
+
+    def handle(self, payload: bytes) -> None:
+        """Carry out one control message, or reject it; reply on ``cmd/result``."""
+        command: Command | None = None
+        try:
+            command = parse(payload, self.inbox.max_bytes)
+            if not self._limits[command.cmd].allow():
+                self.limited += 1
+                raise CommandError(
+                    f"{command.cmd}: more than {COMMAND_LIMITS[command.cmd][0]:g} a second; "
+                    "try again later"
+                )
+            self._execute(command)
+        except CommandError as exc:
+            self.rejected += 1
+            # A flood of bad messages must flood neither the log nor the broker.
+            log.log(
+                logging.WARNING if self._reject_log.allow() else logging.DEBUG,
+                "rejected a control message: %s (%d rejected so far)",
+                exc,
+                self.rejected,
+            )
+            if not self._reject_reply.allow():
+                self.unanswered += 1
+                return
+            reply: dict[str, object] = {"ok": False, "error": str(exc)}
+        else:
+            self.ok += 1
+            log.log(
+                logging.INFO if self._done_log.allow() else logging.DEBUG,
+                "control: %s done",
+                command.cmd,
+            )
+            reply = {"ok": True, "cmd": command.cmd}
+        if command is not None and command.id is not None:
+            reply["id"] = command.id
+        self._publisher.publish(self._publisher.topic("cmd", "result"), encode(reply), qos=1)
+
+    def _camera(self, name: str) -> Camera:
+        camera = self._cameras.get(name)
+        if camera is None:
+            raise CommandError(f"camera: no camera named {name!r}")
+        return camera
+
+    def _execute(self, command: Command) -> None:
+        if isinstance(command, Pause | Resume):
+            self._camera(command.camera).paused = isinstance(command, Pause)
+        elif isinstance(command, Threshold):
+            self._set_threshold(command.value)
+        elif isinstance(command, Snapshot):
+            frame = self._camera(command.camera).latest()
+            if frame is None:
+                raise CommandError(f"camera: {command.camera} has no frame yet")
+            ok, jpeg = cv2.imencode(".jpg", frame.image)
+            if not ok:
+                raise CommandError("snapshot: the frame could not be encoded")
+            self._publisher.publish(
+                self._publisher.topic(command.camera, "snapshot"), jpeg.tobytes(), qos=0
+            )
+        else:
+            self._publish_stats()
+
+    def stats(self) -> dict[str, int]:
+        """The ``control`` part of the ``stats`` message."""
+        return {
+            "ok": self.ok,
+            "rejected": self.rejected,
+            "limited": self.limited,
+            "unanswered": self.unanswered,
+            "dropped": self.inbox.dropped,
+            "oversize": self.inbox.oversize,
+        }

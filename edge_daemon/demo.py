@@ -19,9 +19,11 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_daemon.broker import PrivateBroker, listening, start_mosquitto
-from edge_daemon.pipeline import Daemon, model_summary
+from edge_daemon.config import load_settings
+from edge_daemon.engine import model_summary
+from edge_daemon.pipeline import Daemon
 from edge_daemon.publisher import close_client
-from edge_daemon.settings import SAMPLE_CLIP, load_settings
+from edge_daemon.settings import SAMPLE_CLIP
 
 log = logging.getLogger(__name__)
 

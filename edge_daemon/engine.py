@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_daemon import postprocess
-from edge_daemon.errors import ModelError
+from edge_daemon.errors import DelegateError, ModelError
 from edge_daemon.manifest import (
     ColourOrder,
     InputSpec,
@@ -27,10 +29,14 @@ from edge_daemon.manifest import (
     read_labels,
     read_manifest,
 )
-from edge_daemon.preprocess import Frame, preprocess_batch
+from edge_daemon.preprocess import Image, preprocess_into
 from edge_daemon.runtime import RuntimeName, load_edgetpu_delegate, load_runtime, make_interpreter
+from edge_daemon.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: Interpreters kept, one per batch size used; more sizes than this resize the oldest.
+MAX_INTERPRETERS = 8
 
 
 def _quantization(detail: dict[str, Any]) -> Quantization | None:
@@ -70,15 +76,16 @@ class Engine:
             delegates.append(load_edgetpu_delegate(self.runtime, edgetpu_device, edgetpu_library))
         #: True when the model runs on an Edge TPU (its delegate loaded).
         self.on_edgetpu = use_edgetpu
-        self.interpreter = make_interpreter(
+        self._num_threads = num_threads
+        first = make_interpreter(
             model_path,
             runtime=self.runtime,
             num_threads=num_threads,
             delegates=delegates,
             verify=verify,
         )
-        inputs = self.interpreter.get_input_details()
-        outputs = self.interpreter.get_output_details()
+        inputs = first.get_input_details()
+        outputs = first.get_output_details()
         if len(inputs) != 1 or len(outputs) != 1:
             raise ModelError(
                 f"{model_path} has {len(inputs)} inputs and {len(outputs)} outputs: "
@@ -86,6 +93,12 @@ class Engine:
             )
         self._input = inputs[0]
         self._output = outputs[0]
+        out_shape = [int(v) for v in self._output["shape"]]
+        if len(out_shape) != 2 or out_shape[1] < 1:
+            raise ModelError(
+                f"{model_path} gives output of shape {out_shape}: edge-daemon runs image "
+                "classifiers, whose output is (batch, classes)"
+            )
         self.manifest = manifest
         if manifest is not None:
             self.input_spec, self.output_spec = manifest.input, manifest.output
@@ -99,12 +112,17 @@ class Engine:
                 f"{len(self.labels)} labels for the {self.output_spec.classes} "
                 f"outputs of {model_path}: the labels file needs one line per class"
             )
-        self._batch_size = int(self._input["shape"][0])
-        if not self.input_spec.dynamic_batch and self._batch_size != 1:
+        self._first_size = int(self._input["shape"][0])
+        if not self.input_spec.dynamic_batch and self._first_size != 1:
             raise ModelError(
-                f"{model_path} has a fixed batch of {self._batch_size}: convert it "
+                f"{model_path} has a fixed batch of {self._first_size}: convert it "
                 "with a dynamic batch dimension, or a batch of 1"
             )
+        #: Interpreters by the batch size their input is shaped for, least recently used first.
+        self._interpreters: OrderedDict[int, Any] = OrderedDict({self._first_size: first})
+        #: Interpreters made or resized for a new batch size since loading.
+        self.resizes = 0
+        self._said_logits = False
 
     @classmethod
     def from_path(cls, model_path: Path, **kwargs: Any) -> Engine:
@@ -123,10 +141,10 @@ class Engine:
     def _specs_from_tensors(
         self, colour: ColourOrder | None, scale: float | None, offset: float | None
     ) -> tuple[InputSpec, OutputSpec]:
-        shape = self._input["shape"]
+        shape = [int(v) for v in self._input["shape"]]
         if len(shape) != 4 or shape[3] not in (1, 3):
             raise ModelError(
-                f"{self.model_path} takes input of shape {list(shape)}: edge-daemon "
+                f"{self.model_path} takes input of shape {shape}: edge-daemon "
                 "needs images shaped (batch, height, width, 1 or 3)"
             )
         channels = int(shape[3])
@@ -147,9 +165,8 @@ class Engine:
             quantization=in_quant,
             dynamic_batch=int(signature[0]) == -1,
         )
-        out_shape = self._output["shape"]
         output_spec = OutputSpec(
-            classes=int(np.prod(out_shape[1:])),
+            classes=int(self._output["shape"][1]),
             dtype=_dtype_name(self._output),  # type: ignore[arg-type]
             quantization=_quantization(self._output),
         )
@@ -166,7 +183,7 @@ class Engine:
             problems.append(
                 f"input type {_dtype_name(self._input)} is not the manifest's {spec.dtype}"
             )
-        classes = int(np.prod(self._output["shape"][1:]))
+        classes = int(self._output["shape"][1])
         if classes != self.output_spec.classes:
             problems.append(f"{classes} outputs, not the manifest's {self.output_spec.classes}")
         if problems:
@@ -182,45 +199,145 @@ class Engine:
         """The model's name: the manifest's, else the file's stem."""
         return self.manifest.name if self.manifest is not None else self.model_path.stem
 
-    def _resize(self, size: int) -> None:
-        if size == self._batch_size:
-            return
-        shape = [size, self.input_spec.height, self.input_spec.width, self.input_spec.channels]
+    @property
+    def interpreter(self) -> Any:
+        """The interpreter for batch 1 (the one loaded first)."""
+        return self._interpreters[self._first_size]
+
+    def _interpreter_for(self, size: int) -> Any:
+        """An interpreter whose input holds ``size`` images: kept from an earlier batch of
+        that size, or made now. Resizing re-plans memory, so alternating sizes must not resize
+        on every batch; past ``MAX_INTERPRETERS`` sizes, the least recently used is resized."""
+        kept = self._interpreters.get(size)
+        if kept is not None:
+            self._interpreters.move_to_end(size)
+            return kept
         started = time.perf_counter()
-        self.interpreter.resize_tensor_input(self._input["index"], shape, strict=True)
-        self.interpreter.allocate_tensors()
-        self._batch_size = size
+        if len(self._interpreters) >= MAX_INTERPRETERS:
+            _, interpreter = self._interpreters.popitem(last=False)
+        else:
+            interpreter = make_interpreter(
+                self.model_path,
+                runtime=self.runtime,
+                num_threads=self._num_threads,
+                verify=False,  # the same file was checked when the engine loaded
+            )
+        shape = [size, self.input_spec.height, self.input_spec.width, self.input_spec.channels]
+        interpreter.resize_tensor_input(self._input["index"], shape, strict=True)
+        interpreter.allocate_tensors()
+        self.resizes += 1
+        self._interpreters[size] = interpreter
         log.debug(
-            "resized %s to batch %d in %.1f ms",
+            "%s: interpreter for batch %d ready in %.1f ms",
             self.name,
             size,
             (time.perf_counter() - started) * 1000,
         )
+        return interpreter
+
+    def _invoke(
+        self, interpreter: Any, fill: Callable[[npt.NDArray[np.generic]], None]
+    ) -> npt.NDArray[np.generic]:
+        """Write the input in place with ``fill(view)``, invoke, return a copy of the output."""
+        view = interpreter.tensor(self._input["index"])()
+        fill(view)
+        # The runtime refuses to invoke while a view of its buffers is alive.
+        del view
+        interpreter.invoke()
+        out: npt.NDArray[np.generic] = interpreter.get_tensor(self._output["index"])
+        return out.copy()
 
     def run(self, batch: npt.NDArray[np.generic]) -> npt.NDArray[np.generic]:
-        """Raw output for a preprocessed batch, shape ``(n, ...)``.
+        """Raw output for a preprocessed batch, shape ``(n, classes)``.
 
-        A model with a dynamic batch runs the batch in one call, resizing the interpreter
-        only when the size changes; a model with a fixed batch of 1 runs element by element.
+        A model with a dynamic batch runs the batch in one call; a model with a fixed batch of
+        1 (every Edge TPU model) runs element by element.
         """
+
+        def copy_from(source: npt.NDArray[np.generic]) -> Callable[[Any], None]:
+            return lambda view: np.copyto(view, source)
+
         n = batch.shape[0]
         if self.input_spec.dynamic_batch:
-            self._resize(n)
-            self.interpreter.set_tensor(self._input["index"], batch)
-            self.interpreter.invoke()
-            out: npt.NDArray[np.generic] = self.interpreter.get_tensor(self._output["index"])
-            return out.copy()
-        results = []
-        for i in range(n):
-            self.interpreter.set_tensor(self._input["index"], batch[i : i + 1])
-            self.interpreter.invoke()
-            results.append(self.interpreter.get_tensor(self._output["index"]).copy())
-        return np.concatenate(results, axis=0)
+            return self._invoke(self._interpreter_for(n), copy_from(batch))
+        one = self.interpreter
+        return np.concatenate([self._invoke(one, copy_from(batch[i : i + 1])) for i in range(n)])
+
+    def infer(self, images: Sequence[Image]) -> npt.NDArray[np.generic]:
+        """Raw output for raw images (BGR or gray crops), each preprocessed straight into the
+        interpreter's input tensor: no batch array in between."""
+        spec = self.input_spec
+
+        def fill_all(view: npt.NDArray[np.generic]) -> None:
+            for slot, image in zip(view, images, strict=True):
+                preprocess_into(image, spec, slot)
+
+        if spec.dynamic_batch:
+            return self._invoke(self._interpreter_for(len(images)), fill_all)
+
+        def fill_one(image: Image) -> Callable[[npt.NDArray[np.generic]], None]:
+            return lambda view: preprocess_into(image, spec, view[0])
+
+        one = self.interpreter
+        return np.concatenate([self._invoke(one, fill_one(image)) for image in images])
+
+    def probabilities(self, raw: npt.NDArray[np.generic]) -> postprocess.Scores:
+        """Class probabilities in [0, 1] from raw output; rows with NaN or infinity stay
+        non-finite so the caller can drop them."""
+        result = postprocess.scores(raw, self.output_spec)
+        if result.softmaxed and not self._said_logits:
+            self._said_logits = True
+            log.warning(
+                "%s: the model's output is not probabilities (values outside 0..1): applying "
+                'softmax; set "kind": "logits" in its manifest to say so',
+                self.name,
+            )
+        return result.values
 
     def scores(self, batch: npt.NDArray[np.generic]) -> postprocess.Scores:
         """Class probabilities for a preprocessed batch."""
-        return postprocess.scores(self.run(batch), self.output_spec)
+        return self.probabilities(self.run(batch))
 
-    def classify(self, images: list[Frame] | npt.NDArray[np.uint8]) -> postprocess.Scores:
+    def classify(self, images: Sequence[Image] | npt.NDArray[np.uint8]) -> postprocess.Scores:
         """Class probabilities for raw images (BGR or gray), preprocessed as the daemon does."""
-        return self.scores(preprocess_batch(images, self.input_spec))
+        return self.probabilities(self.infer(list(images)))
+
+
+def load_engine(settings: Settings) -> Engine:
+    """Load the configured model; on the Edge TPU, fall back to a CPU model when one is set."""
+    cfg = settings.model
+    labels = read_labels(cfg.labels) if cfg.labels else None
+    common: dict[str, object] = {
+        "runtime": cfg.runtime,
+        "num_threads": cfg.num_threads,
+        "colour": cfg.colour,
+        "scale": cfg.scale,
+        "offset": cfg.offset,
+    }
+    if labels is not None:
+        common["labels"] = labels
+    if cfg.delegate == "edgetpu":
+        try:
+            return Engine.from_path(
+                cfg.path,
+                use_edgetpu=True,
+                edgetpu_device=cfg.device,
+                edgetpu_library=cfg.edgetpu_library,
+                **common,
+            )
+        except DelegateError as exc:
+            if cfg.fallback_path is None:
+                raise
+            log.warning("%s; running the fallback model %s on the CPU", exc, cfg.fallback_path)
+            return Engine.from_path(cfg.fallback_path, **common)
+    return Engine.from_path(cfg.path, **common)
+
+
+def model_summary(engine: Engine) -> str:
+    """One line about the loaded model, for logs and ``check``."""
+    spec = engine.input_spec
+    return (
+        f"{engine.name} ({Path(engine.model_path).name}, {engine.runtime.name}): "
+        f"{spec.height}x{spec.width}x{spec.channels} {spec.colour} {spec.dtype}, "
+        f"{len(engine.labels)} classes, batch {'dynamic' if spec.dynamic_batch else '1'}"
+    )

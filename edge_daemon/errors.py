@@ -21,6 +21,12 @@ class ConfigError(EdgeDaemonError):
         self.problems = problems or [message]
 
 
+class UsageError(EdgeDaemonError):
+    """The command line asks for something that cannot be done (exit 2, as argparse's)."""
+
+    exit_code = 2
+
+
 class ModelError(EdgeDaemonError):
     """A model, its manifest or its labels cannot be used."""
 

@@ -12,10 +12,15 @@ region sensors of one daemon belong to one Home Assistant device named after ``E
 from __future__ import annotations
 
 import json
+import logging
 
 from edge_daemon import __version__
+from edge_daemon.control import RateLimit
 from edge_daemon.errors import ConfigError
+from edge_daemon.publisher import Publisher
 from edge_daemon.settings import Settings
+
+log = logging.getLogger(__name__)
 
 #: The sensor's state: the label, or ``none`` when the score is below the threshold.
 STATE_TEMPLATE = "{{ value_json.label if value_json.label is not none else 'none' }}"
@@ -93,3 +98,26 @@ def discovery_messages(
                 (config_topic(settings, camera, roi), json.dumps(config, sort_keys=True).encode())
             )
     return messages
+
+
+def announce(publisher: Publisher, settings: Settings, configs: list[tuple[str, bytes]]) -> None:
+    """Queue the retained discovery configs, and send them again whenever Home Assistant says
+    it is online (after a restart); call before the publisher starts."""
+    for topic, payload in configs:
+        publisher.publish_retained(topic, payload)
+
+    # Anyone may publish there: a stream of "online" must not become a stream of configs.
+    resend = RateLimit(rate=0.2, burst=2)
+
+    def on_birth(payload: bytes) -> None:
+        if payload.strip() == b"online" and resend.allow():
+            log.info("Home Assistant is online: sending %d discovery configs", len(configs))
+            for topic, config in configs:
+                publisher.publish(topic, config, qos=1, retain=True)
+
+    publisher.watch(birth_topic(settings), on_birth)
+    log.info(
+        "Home Assistant discovery: %d sensors under %s",
+        len(configs),
+        settings.homeassistant.discovery_prefix,
+    )

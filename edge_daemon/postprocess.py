@@ -41,12 +41,44 @@ def softmax(logits: Scores) -> Scores:
     return out
 
 
-def scores(raw: npt.NDArray[np.generic], spec: OutputSpec) -> Scores:
-    """Class probabilities, shape ``(batch, classes)``, from the raw output tensor."""
-    values = dequantize(raw, spec.quantization).reshape(raw.shape[0], -1)
+@dataclass(frozen=True, slots=True)
+class Probabilities:
+    """A batch's class probabilities, and whether any row had to be softmaxed."""
+
+    values: Scores
+    #: True when a model that claims probabilities gave a row outside 0..1 (logits).
+    softmaxed: bool
+
+
+def scores(raw: npt.NDArray[np.generic], spec: OutputSpec) -> Probabilities:
+    """Class probabilities in [0, 1], shape ``(batch, classes)``, from the raw output tensor.
+
+    Rows of a model declared as emitting probabilities that hold values outside 0..1 are
+    logits in fact, and get a softmax too: a published score is a probability, always. A row
+    with NaN or infinity stays non-finite (see :func:`finite_rows`); it is not guessed at.
+    """
+    # A copy: the rows are rewritten in place below, never the caller's array.
+    values = np.array(dequantize(raw, spec.quantization), dtype=np.float32).reshape(
+        raw.shape[0], -1
+    )
+    finite = finite_rows(values)
+    softmaxed = False
     if spec.kind == "logits":
-        return softmax(values)
-    return values
+        logits = finite
+    else:
+        outside = np.asarray(((values < 0.0) | (values > 1.0)).any(axis=1), dtype=np.bool_)
+        logits = finite & outside
+        softmaxed = bool(logits.any())
+    if logits.any():
+        values[logits] = softmax(values[logits])
+    if finite.any():
+        values[finite] = np.clip(values[finite], 0.0, 1.0)
+    return Probabilities(values, softmaxed)
+
+
+def finite_rows(values: Scores) -> npt.NDArray[np.bool_]:
+    """Which rows hold only finite numbers."""
+    return np.asarray(np.isfinite(values).all(axis=1), dtype=np.bool_)
 
 
 def top_k(

@@ -15,17 +15,18 @@ import numpy.typing as npt
 
 from edge_daemon.manifest import InputSpec
 
-Frame = npt.NDArray[np.uint8]
+#: An image as OpenCV gives it: (H, W, 3) BGR or (H, W) gray, uint8.
+Image = npt.NDArray[np.uint8]
 
 _INTEGER_RANGES = {"uint8": (0, 255), "int8": (-128, 127), "int16": (-32768, 32767)}
 
 
-def as_frame(image: object) -> Frame:
+def as_image(image: object) -> Image:
     """An OpenCV result as a typed uint8 array (no copy when it already is one)."""
     return np.asarray(image, dtype=np.uint8)
 
 
-def crop(frame: Frame, box: tuple[int, int, int, int]) -> Frame:
+def crop(frame: Image, box: tuple[int, int, int, int]) -> Image:
     """The part of ``frame`` inside ``box`` = (x, y, width, height), clipped to the frame."""
     x, y, w, h = box
     height, width = frame.shape[:2]
@@ -36,27 +37,27 @@ def crop(frame: Frame, box: tuple[int, int, int, int]) -> Frame:
     return frame[y0:y1, x0:x1]
 
 
-def resize(image: Frame, width: int, height: int) -> Frame:
+def resize(image: Image, width: int, height: int) -> Image:
     """Resize to ``width`` x ``height``: area averaging to shrink, bilinear to grow."""
     h, w = image.shape[:2]
     if (w, h) == (width, height):
         return image
     shrinking = w * h > width * height
     interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    return as_frame(cv2.resize(image, (width, height), interpolation=interpolation))
+    return as_image(cv2.resize(image, (width, height), interpolation=interpolation))
 
 
-def to_colour(image: Frame, colour: str) -> Frame:
+def to_colour(image: Image, colour: str) -> Image:
     """Convert an OpenCV image (BGR or gray) to the model's colour order, as ``(H, W, C)``."""
     gray_in = image.ndim == 2 or image.shape[2] == 1
     if colour == "gray":
-        out = image if gray_in else as_frame(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))
+        out = image if gray_in else as_image(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))
         return out.reshape(out.shape[0], out.shape[1], 1)
     if gray_in:
         flat = image.reshape(image.shape[0], image.shape[1])
         return np.repeat(flat[:, :, None], 3, axis=2)
     if colour == "rgb":
-        return as_frame(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+        return as_image(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
     return image
 
 
@@ -81,14 +82,14 @@ def pixel_table(spec: InputSpec) -> npt.NDArray[np.generic]:
     return table
 
 
-def preprocess_into(image: Frame, spec: InputSpec, out: npt.NDArray[np.generic]) -> None:
+def preprocess_into(image: Image, spec: InputSpec, out: npt.NDArray[np.generic]) -> None:
     """Write ``image`` as model input into ``out`` (one ``(H, W, C)`` slot of the input tensor)."""
     shaped = to_colour(resize(image, spec.width, spec.height), spec.colour)
     np.take(pixel_table(spec), shaped, out=out)
 
 
 def preprocess_batch(
-    images: list[Frame] | npt.NDArray[np.uint8], spec: InputSpec
+    images: list[Image] | npt.NDArray[np.uint8], spec: InputSpec
 ) -> npt.NDArray[np.generic]:
     """A whole batch of model input from a sequence of images."""
     batch = np.empty(

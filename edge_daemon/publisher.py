@@ -6,6 +6,12 @@ queue stays small. When the broker is slow or away the queue fills and the oldes
 dropped and counted: live labels want the newest. The retained ``status`` is ``online`` while
 connected, with a retained ``offline`` last will, and ``offline`` is published before a clean
 disconnect (the broker sends the will only on an unclean one).
+
+Nothing slow runs on paho's network thread: when a connection fails, a diagnosis thread finds
+out why (unreachable, TLS trouble, a TLS port spoken to in plain MQTT) and says it once per
+reason. A broker that refuses us says so once per reason too, and a broker that keeps closing
+a connection it had accepted is taken for what it nearly always is: another client with the
+same client id.
 """
 
 from __future__ import annotations
@@ -27,11 +33,18 @@ from edge_daemon.backoff import Backoff
 from edge_daemon.control import Inbox
 from edge_daemon.errors import ConfigError
 from edge_daemon.settings import Settings
+from edge_daemon.stage import StageThread
 
 log = logging.getLogger(__name__)
 
 #: QoS 1/2 messages handed to paho and not yet acknowledged, at most.
 INFLIGHT_WINDOW = 100
+#: A connection the broker closes within this many seconds of accepting it counts as short.
+SHORT_SESSION_S = 10.0
+#: Short sessions in a row after which another client with our id is the likely cause.
+TAKEOVERS_TO_WARN = 2
+#: MQTT 5 reason code "Session taken over".
+SESSION_TAKEN_OVER = 142
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,12 +74,34 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
     return context
 
 
+def speaks_tls(host: str, port: int, timeout: float = 5.0) -> bool:
+    """True when ``host:port`` completes a TLS handshake (certificate not checked)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout) as sock,
+            context.wrap_socket(sock, server_hostname=host),
+        ):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 def diagnose(host: str, port: int, context: ssl.SSLContext | None, timeout: float = 5.0) -> str:
-    """Why a connection to the broker fails: unreachable, or the TLS handshake's own reason."""
+    """Why a connection to the broker fails: unreachable, TLS trouble, or a TLS port that was
+    spoken to without TLS. Blocks for up to a few ``timeout``s: never call it on paho's thread."""
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
             if context is None:
-                return "the broker closed the connection"
+                if speaks_tls(host, port, timeout):
+                    return (
+                        f"port {port} expects TLS: set EDGE_MQTT__TLS=true (and "
+                        "EDGE_MQTT__CA_FILE if the broker's certificate is not signed by a "
+                        "public CA), or use the broker's plain port"
+                    )
+                return "the broker closed the connection before answering"
             with context.wrap_socket(sock, server_hostname=host):
                 return "the broker closed the connection after the TLS handshake"
     except ssl.SSLCertVerificationError as exc:
@@ -99,7 +134,6 @@ class Publisher:
 
     def __init__(self, settings: Settings, inbox: Inbox | None = None) -> None:
         self.settings = settings
-        self._inbox = inbox
         self.prefix = settings.topic_prefix
         mqtt_cfg = settings.mqtt
         self._v5 = mqtt_cfg.protocol == "5"
@@ -136,7 +170,7 @@ class Publisher:
         #: Topics subscribed to on every connect (``watch``), besides ``cmd``.
         self._watched: list[str] = []
         if inbox is not None:
-            self._client.message_callback_add(self.topic("cmd"), self._on_command)
+            self.watch(self.topic("cmd"), inbox.put)
         self._queue: collections.deque[Message] = collections.deque()
         self._cond = threading.Condition()
         self._connected = False
@@ -148,11 +182,19 @@ class Publisher:
         self._drain_until = 0.0
         self._retained: dict[str, Message] = {}
         self._stop = threading.Event()
-        self._sender: threading.Thread | None = None
+        self._sender: StageThread | None = None
+        self._diagnoser: StageThread | None = None
+        self._diagnose_now = threading.Event()
+        #: When the broker last accepted us (monotonic), and short sessions in a row since.
+        self._connected_at = 0.0
+        self._short_sessions = 0
+        self._said_takeover = False
+        self._started = False
         self.sent = 0
-        self.acked = 0
         self.dropped = 0
         self.connects = 0
+        #: CONNACKs that refused us (a wrong password: one each retry).
+        self.refusals = 0
         self.last_refusal: str | None = None
 
     # --- topics ----------------------------------------------------------------------------
@@ -167,8 +209,14 @@ class Publisher:
 
         def on_message(client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
             del client, userdata
-            if not message.retain:  # news only: a retained message is an old announcement
+            if message.retain:  # news only: a retained message is an old announcement
+                return
+            try:
+                # paho's payload is bytes already: bytes() does not copy it.
                 callback(bytes(message.payload))
+            except Exception:
+                # An exception here would end paho's network thread: log it and go on.
+                log.exception("handling a message on %s failed", message.topic)
 
         self._client.message_callback_add(topic, on_message)
         self._watched.append(topic)
@@ -180,8 +228,21 @@ class Publisher:
         cfg = self.settings.mqtt
         self._client.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive)
         self._client.loop_start()
-        self._sender = threading.Thread(target=self._send_loop, name="mqtt-sender", daemon=True)
+        self._started = True
+        self._sender = StageThread("mqtt-sender", self._send_loop)
         self._sender.start()
+        self._diagnoser = StageThread("mqtt-diagnosis", self._diagnose_loop)
+        self._diagnoser.start()
+
+    def deaths(self) -> list[tuple[str, str | None]]:
+        """For the supervisor: each of our threads, and why it ended if it ended too soon."""
+        if not self._started or self._stop.is_set():
+            return []
+        paho = getattr(self._client, "_thread", None)
+        threads = [t for t in (self._sender, self._diagnoser) if t is not None]
+        return [(t.name, t.death()) for t in threads] + [
+            ("mqtt-network", None if paho is not None and paho.is_alive() else "paho's loop ended")
+        ]
 
     def stop(self, flush_timeout: float = 3.0) -> None:
         """Publish ``offline``, flush what is queued up to ``flush_timeout``, disconnect."""
@@ -197,10 +258,11 @@ class Publisher:
         if left:
             log.warning("stopping with %d message(s) not delivered to the broker", left)
         self._stop.set()
+        self._diagnose_now.set()
         with self._cond:
             self._cond.notify_all()
         if self._sender is not None:
-            self._sender.join(2.0)
+            self._sender.join(0.5)
         if self._sender is not None and self._sender.is_alive():
             # Still inside paho: leave its socket pair to the garbage collector.
             self._client.disconnect()
@@ -249,14 +311,24 @@ class Publisher:
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         del client, userdata
         self._next_reconnect_delay()
+        # paho does not say why; the diagnosis thread finds out.
+        self._diagnose_now.set()
+
+    def _diagnose_loop(self) -> None:
+        """Diagnose failed connections, off paho's thread; say each new reason once."""
         cfg = self.settings.mqtt
-        # paho does not say why; find out once, and say it when it changes.
-        why = diagnose(cfg.host, cfg.port, self._tls_context)
-        level = logging.DEBUG if why == self._last_failure else logging.WARNING
-        if why.startswith("TLS"):
-            level = logging.ERROR if why != self._last_failure else logging.DEBUG
-        self._last_failure = why
-        log.log(level, "cannot connect to broker %s:%d: %s; retrying", cfg.host, cfg.port, why)
+        while not self._stop.is_set():
+            self._diagnose_now.wait()
+            self._diagnose_now.clear()
+            if self._stop.is_set():
+                return
+            why = diagnose(cfg.host, cfg.port, self._tls_context)
+            if why == self._last_failure or self._connected:
+                log.debug("cannot connect to broker %s:%d: %s", cfg.host, cfg.port, why)
+                continue
+            self._last_failure = why
+            level = logging.ERROR if why.startswith(("TLS", "port")) else logging.WARNING
+            log.log(level, "cannot connect to broker %s:%d: %s; retrying", cfg.host, cfg.port, why)
 
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
@@ -265,10 +337,14 @@ class Publisher:
         cfg = self.settings.mqtt
         if reason_code.is_failure:
             self._next_reconnect_delay()
+            # Said once per reason: a retry loop must not fill the journal with one line.
+            level = logging.ERROR if str(reason_code) != self.last_refusal else logging.DEBUG
+            self.refusals += 1
             self.last_refusal = str(reason_code)
-            log.error(
+            log.log(
+                level,
                 "broker %s:%d refused the connection: %s (check EDGE_MQTT__USERNAME, "
-                "EDGE_MQTT__PASSWORD and the broker's access rules)",
+                "EDGE_MQTT__PASSWORD and the broker's access rules); retrying",
                 cfg.host,
                 cfg.port,
                 reason_code,
@@ -276,6 +352,8 @@ class Publisher:
             return
         self.connects += 1
         self.last_refusal = None
+        self._last_failure = ""
+        self._connected_at = time.monotonic()
         self._backoff.reset()
         log.info("connected to broker %s:%d as %s", cfg.host, cfg.port, self.settings.client_id)
         with self._cond:
@@ -288,15 +366,8 @@ class Publisher:
             self._queue.extendleft(reversed(states))
             self._queue.appendleft(Message(self.topic("status"), b"online", 1, True))
             self._cond.notify_all()
-        topics = [self.topic("cmd")] if self._inbox is not None else []
-        topics += self._watched
-        if topics:
-            self._client.subscribe([(topic, 1) for topic in topics])
-
-    def _on_command(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        del client, userdata
-        if self._inbox is not None and not message.retain:
-            self._inbox.put(bytes(message.payload))
+        if self._watched:
+            self._client.subscribe([(topic, 1) for topic in self._watched])
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
@@ -310,15 +381,36 @@ class Publisher:
             self._pending = {mid: qos for mid, qos in self._pending.items() if qos > 0}
             self._cond.notify_all()
         self._next_reconnect_delay()
-        if was and not self._stop.is_set():
-            log.warning("lost the broker connection (%s); reconnecting", reason_code)
+        if self._stop.is_set():
+            return
+        if not was:
+            # Closed before the broker answered our CONNECT: e.g. a TLS port spoken to in
+            # plain MQTT. The diagnosis thread finds out which.
+            self._diagnose_now.set()
+            return
+        code = getattr(reason_code, "value", None)
+        short = time.monotonic() - self._connected_at < SHORT_SESSION_S
+        self._short_sessions = self._short_sessions + 1 if short else 0
+        if code == SESSION_TAKEN_OVER or self._short_sessions >= TAKEOVERS_TO_WARN:
+            if not self._said_takeover:
+                self._said_takeover = True
+                log.error(
+                    "the broker closed our connection %s: another client is connected with "
+                    "client id %r (two daemons with the same EDGE_DEVICE_ID?); give each its "
+                    "own EDGE_DEVICE_ID or EDGE_MQTT__CLIENT_ID",
+                    "(session taken over)"
+                    if code == SESSION_TAKEN_OVER
+                    else f"{self._short_sessions} times in a row soon after accepting it",
+                    self.settings.client_id,
+                )
+            return
+        log.warning("lost the broker connection (%s); reconnecting", reason_code)
 
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any
     ) -> None:
         del client, userdata, reason_code, properties
         with self._cond:
-            self.acked += 1
             if self._pending.pop(mid, None) is None:
                 self._acked_early.add(mid)
             self._cond.notify_all()

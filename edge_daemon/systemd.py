@@ -28,11 +28,6 @@ class Notifier:
         mine = not pid or pid == str(os.getpid())
         self.watchdog_s = int(usec) / 1e6 if usec.isdigit() and int(usec) > 0 and mine else 0.0
 
-    @property
-    def enabled(self) -> bool:
-        """True when systemd (or a test standing in for it) listens."""
-        return bool(self.address)
-
     def notify(self, *fields: str) -> bool:
         """Send ``KEY=value`` lines in one datagram; False when it could not be sent."""
         if not self.address:

@@ -45,7 +45,8 @@ class Zoo:
 
     def expected(self, mode: str) -> np.ndarray:
         """Top-1 classes the converter's own evaluation gave for ``mode``."""
-        return np.load(self.root / mode / "expected.npy")
+        expected: np.ndarray = np.load(self.root / mode / "expected.npy")
+        return expected
 
 
 def _heldout(root: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -27,9 +27,10 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_daemon.broker import free_port
+from edge_daemon.config import load_settings
 from edge_daemon.pipeline import Daemon
 from edge_daemon.publisher import close_client
-from edge_daemon.settings import Settings, load_settings
+from edge_daemon.settings import Settings
 
 BROKER = ("127.0.0.1", 1883)
 
@@ -41,6 +42,16 @@ def schema(name: str) -> dict[str, Any]:
 
 PREDICTION = schema("prediction.v1.json")
 STATS = schema("stats.v1.json")
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, step: float = 0.05) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
 
 
 def unique_prefix() -> str:
@@ -90,7 +101,9 @@ class Subscriber:
 
         def on_message(c: mqtt.Client, u: Any, m: mqtt.MQTTMessage) -> None:
             with self.lock:
-                self.messages.append(Received(m.topic, m.payload, bool(m.retain), time.monotonic()))
+                self.messages.append(
+                    Received(m.topic, bytes(m.payload), bool(m.retain), time.monotonic())
+                )
 
         client.on_connect = on_connect
         client.on_subscribe = on_subscribe
@@ -121,12 +134,7 @@ class Subscriber:
         return [p for p in out if camera is None or p["camera"] == camera]
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.05)
-        return predicate()
+        return wait_until(predicate, timeout)
 
     def validate_all(self) -> int:
         """Validate every label and stats message against the published schemas."""

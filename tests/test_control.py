@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from importlib import resources
+from pathlib import Path
 
 import jsonschema
 import paho.mqtt.client as mqtt
@@ -14,14 +16,24 @@ from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_daemon.control import (
+    COMMAND_LIMITS,
     REJECT_REPLIES_PER_S,
     REJECT_REPLY_BURST,
+    CommandError,
     RateLimit,
     command_schema,
+    parse,
 )
 from edge_daemon.pipeline import Daemon
 from edge_daemon.publisher import close_client
-from tests.helpers import BROKER, running, settings_for, subscriber, unique_prefix
+from tests.helpers import (
+    BROKER,
+    running,
+    settings_for,
+    subscriber,
+    unique_prefix,
+    wait_until,
+)
 
 pytestmark = pytest.mark.runtime
 
@@ -153,40 +165,52 @@ def test_thousands_of_random_and_malformed_commands_never_hurt_the_daemon() -> N
             assert sub.wait_for(lambda: len(sub.labels()) >= 3)
             flood_started = time.monotonic()
             send()
-            client.publish(
-                f"{prefix}/cmd", b'{"cmd": "status", "id": "last"}', qos=1
-            ).wait_for_publish(10)
-            assert sub.wait_for(
-                lambda: any(m.json().get("id") == "last" for m in sub.on("cmd", "result")),
-                timeout=30,
-            )
             flood_s = time.monotonic() - flood_started
+            control = daemon.controller
+            assert control is not None
+            # Once the flood is handled, a status command goes through again (its kind's
+            # rate limit refills within a second or two).
+            assert sub.wait_for(lambda: control.inbox.pending() == 0)
+
+            def answered() -> bool:
+                client.publish(
+                    f"{prefix}/cmd", b'{"cmd": "status", "id": "last"}', qos=1
+                ).wait_for_publish(10)
+                return sub.wait_for(
+                    lambda: any(
+                        m.json().get("id") == "last" and m.json()["ok"]
+                        for m in sub.on("cmd", "result")
+                    ),
+                    timeout=2,
+                )
+
+            assert sub.wait_for(answered, timeout=30)
             count = len(sub.labels())
             assert sub.wait_for(lambda: len(sub.labels()) > count + 5), "labels stopped"
             assert daemon.fatal is None
             assert all(c.online for c in daemon.cameras)
             assert sub.wait_for(
                 lambda: any(
-                    m.json().get("control", {}).get("rejected") == daemon.commands_rejected
+                    m.json().get("control", {}).get("rejected") == control.rejected
                     for m in sub.on("stats")
                 )
             )
         close_client(client)
     assert len(sent) >= 1000
-    assert daemon.commands_rejected >= 500
+    assert control.rejected >= 500
     assert daemon.inbox is not None
-    handled = daemon.commands_ok + daemon.commands_rejected
-    assert handled + daemon.inbox.dropped == daemon.inbox.received
+    inbox = daemon.inbox
+    assert control.ok + control.rejected + inbox.dropped + inbox.oversize == inbox.received
     # Bad messages are not echoed back one for one: replies to rejections are rate-limited.
     refusals = [m for m in sub.on("cmd", "result") if m.json()["ok"] is False]
-    allowed = REJECT_REPLY_BURST + REJECT_REPLIES_PER_S * (flood_s + 1.0)
+    allowed = REJECT_REPLY_BURST + REJECT_REPLIES_PER_S * (time.monotonic() - flood_started + 1)
     assert len(refusals) <= allowed
-    assert len(refusals) + daemon.commands_unanswered == daemon.commands_rejected
+    assert len(refusals) + control.unanswered == control.rejected
     assert sub.validate_all() > 0
     print(
-        f"sent {len(sent)} random commands in {flood_s:.1f} s: {daemon.commands_ok} carried out, "
-        f"{daemon.commands_rejected} rejected ({len(refusals)} answered), "
-        f"{daemon.inbox.dropped} dropped in the flood"
+        f"sent {len(sent)} random commands in {flood_s:.1f} s: {control.ok} carried out, "
+        f"{control.rejected} rejected ({len(refusals)} answered, {control.limited} over their "
+        f"kind's rate), {inbox.dropped} dropped in the flood, {inbox.oversize} oversize"
     )
 
 
@@ -201,3 +225,80 @@ def test_rate_limit_allows_a_burst_then_the_rate() -> None:
     assert not limit.allow()
     now[0] = 100.0  # a long quiet spell refills only up to the burst
     assert sum(limit.allow() for _ in range(10)) == 3
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_flood_of_valid_commands_is_limited_per_kind(caplog: pytest.LogCaptureFixture) -> None:
+    """Before: 2,241 status and snapshot commands gave 2,258 stats messages, 2,241 JPEGs and
+    4,485 log lines in 20 s."""
+    caplog.set_level(logging.INFO)
+    prefix = unique_prefix()
+    with subscriber(prefix, topics=("stats", "sample/snapshot", "cmd/result")) as sub:
+        daemon = Daemon(
+            settings_for(prefix, control={"enabled": True}, mqtt={"stats_interval_s": 0})
+        )
+        client = publisher_client()
+        with running(daemon):
+            assert wait_until(lambda: daemon.stats.items >= 3)
+            started = time.monotonic()
+            for i in range(2000):
+                command = {"cmd": "status"} if i % 2 else {"cmd": "snapshot", "camera": "sample"}
+                client.publish(f"{prefix}/cmd", json.dumps(command), qos=0)
+            control = daemon.controller
+            assert control is not None
+            assert wait_until(lambda: control.inbox.received >= 1900, timeout=30)
+            assert wait_until(lambda: control.inbox.pending() == 0, timeout=10)
+            took = time.monotonic() - started
+            time.sleep(1.0)
+        close_client(client)
+    stats, snapshots = len(sub.on("stats")), len(sub.on("sample", "snapshot"))
+    for kind, count in (("status", stats), ("snapshot", snapshots)):
+        rate, burst = COMMAND_LIMITS[kind]
+        assert count <= burst + rate * (took + 2), f"{count} {kind} carried out in {took:.1f} s"
+    inbox = control.inbox
+    assert control.ok + control.rejected + inbox.dropped + inbox.oversize == inbox.received
+    assert control.limited + inbox.dropped > 1500  # the flood was held back, not carried out
+    done_lines = [r for r in caplog.records if "control:" in r.getMessage() and r.levelno >= 20]
+    rejected_lines = [r for r in caplog.records if "rejected a control" in r.getMessage()]
+    assert len(done_lines) + len(rejected_lines) <= 20 + 2 * (took + 2)
+    print(
+        f"2000 valid commands in {took:.1f} s: {stats} stats messages, {snapshots} snapshots, "
+        f"{control.limited} over their rate, {inbox.dropped} dropped from the inbox, "
+        f"{len(done_lines) + len(rejected_lines)} log lines"
+    )
+
+
+def test_oversize_commands_are_dropped_unkept_and_memory_comes_back() -> None:
+    """Before: 40 messages of 10 MB took resident memory from 139 to 321 MiB, and it kept 232."""
+    prefix = unique_prefix()
+    daemon = Daemon(settings_for(prefix, control={"enabled": True}))
+    client = publisher_client()
+    big = b"{" + b" " * (10 * 1024 * 1024) + b"}"
+    with running(daemon):
+        assert wait_until(lambda: daemon.stats.items >= 3)
+        before = rss_mib()
+        for _ in range(40):
+            client.publish(f"{prefix}/cmd", big, qos=1).wait_for_publish(30)
+        control = daemon.controller
+        assert control is not None
+        assert wait_until(lambda: control.inbox.oversize == 40, timeout=60)
+        assert control.inbox.pending() == 0  # none of them was kept
+        time.sleep(1.0)  # the supervisor notices and hands the freed memory back
+        after = rss_mib()
+        assert wait_until(lambda: daemon.stats.items > 10)  # still classifying
+    close_client(client)
+    print(f"resident memory {before:.0f} MiB before 40 x 10 MB commands, {after:.0f} MiB after")
+    assert after - before < 40, f"{before:.0f} -> {after:.0f} MiB"
+
+
+@pytest.mark.parametrize("value", ['"0.7"', "true", "null", "[0.5]", "1.5", "-0.1", "NaN"])
+def test_a_threshold_that_is_not_a_number_from_0_to_1_is_refused(value: str) -> None:
+    with pytest.raises(CommandError, match="value"):
+        parse(f'{{"cmd": "threshold", "value": {value}}}'.encode(), 4096)
+    assert parse(b'{"cmd": "threshold", "value": 1}', 4096).value == 1.0  # type: ignore[union-attr]

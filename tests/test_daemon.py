@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 import subprocess
 import sys
 import time
@@ -17,7 +19,7 @@ from edge_daemon.broker import free_port, start_mosquitto
 from edge_daemon.capture import Camera
 from edge_daemon.engine import Engine
 from edge_daemon.pipeline import Daemon
-from edge_daemon.settings import SAMPLE_CLIP, CameraSettings
+from edge_daemon.settings import SAMPLE_CLIP, CameraSettings, Roi
 from tests.conftest import Zoo
 from tests.helpers import (
     MjpegServer,
@@ -27,6 +29,7 @@ from tests.helpers import (
     settings_for,
     subscriber,
     unique_prefix,
+    wait_until,
     write_video,
 )
 
@@ -97,7 +100,9 @@ def test_several_cameras_rois_batching_and_a_stream_that_dies_and_returns(tmp_pa
     prefix = unique_prefix()
     cameras = {
         "file1": CameraSettings(
-            source=str(video), realtime=True, rois={"left": "0,0,0.5,1", "right": "0.5,0,0.5,1"}
+            source=str(video),
+            realtime=True,
+            rois={"left": Roi.parse("0,0,0.5,1"), "right": Roi.parse("0.5,0,0.5,1")},
         ),
         "file2": CameraSettings(source=str(video), realtime=True),
         "live": CameraSettings(source=stream.url, read_timeout_s=2.0, open_timeout_s=2.0),
@@ -149,9 +154,10 @@ def test_broker_absent_at_start_and_appearing_later(tmp_path: Path) -> None:
     )
     daemon = Daemon(settings)
     with running(daemon):
-        time.sleep(2.0)
+        assert wait_until(lambda: daemon.stats.items > 0), (
+            "inference must run while the broker is away"
+        )
         assert not daemon.publisher.connected
-        assert daemon.stats.items > 0, "inference must run while the broker is away"
         with start_mosquitto(port) as broker, subscriber(prefix, port=broker.port) as sub:
             assert sub.wait_for(lambda: daemon.publisher.connected, timeout=15)
             assert sub.wait_for(lambda: len(sub.labels()) >= 5)
@@ -171,7 +177,7 @@ def test_refused_connection_is_an_error_not_connected(
         )
         daemon = Daemon(settings)
         with running(daemon):
-            time.sleep(2.5)
+            assert wait_until(lambda: daemon.publisher.refusals >= 2)
             assert not daemon.publisher.connected
             assert daemon.publisher.last_refusal is not None
     refused = [r for r in caplog.records if "refused the connection" in r.getMessage()]
@@ -183,8 +189,8 @@ def test_refused_connection_is_an_error_not_connected(
 def test_edgetpu_that_cannot_load_stops_or_falls_back(
     bundled_model: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    from edge_daemon.engine import load_engine
     from edge_daemon.errors import DelegateError
-    from edge_daemon.pipeline import load_engine
 
     model = {"delegate": "edgetpu", "device": "usb:0", "edgetpu_library": "/nonexistent/lib.so"}
     with pytest.raises(DelegateError, match="plugdev"):
@@ -379,7 +385,7 @@ def test_usb_camera_that_disappears_and_comes_back(tmp_path: Path) -> None:
             "other": CameraSettings(source=str(video)),
         },
     )
-    from edge_daemon.capture import open_source
+    from edge_daemon.sources import open_source
 
     def opener(cam: CameraSettings) -> object:
         return FakeDevice(cam) if cam.source == "/dev/video0" else open_source(cam)
@@ -477,3 +483,52 @@ def test_a_camera_that_cannot_open_says_why_once_and_comes_up_when_it_can(
     assert len(warnings) == 1, warnings  # said once, not on every retry
     assert warnings[0].startswith(f"camera door: video file {path} does not exist; retrying")
     assert sum("retrying in" in m for _, m in messages) >= 5  # the retries, at debug level
+
+
+@pytest.mark.parametrize("timeout", ["-1", "nan", "inf", "0", "1e9", "soon"])
+def test_check_refuses_a_timeout_that_is_not_a_time(timeout: str) -> None:
+    """Before: --timeout -1, nan or inf aborted the process (a probe thread left in OpenCV)."""
+    proc = run_daemon("check", "--timeout", timeout)
+    assert proc.returncode == 2, proc.stderr
+    assert "give a time from 0 to 600 seconds" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_check_keeps_opencvs_own_warnings_out(tmp_path: Path) -> None:
+    (tmp_path / "junk.mp4").write_bytes(b"not a video" * 100)
+    proc = run_daemon(
+        "check",
+        "--timeout",
+        "3",
+        env={
+            "EDGE_MQTT__TOPIC_PREFIX": unique_prefix(),
+            "EDGE_CAMERAS__gone__SOURCE": str(tmp_path / "missing.mp4"),
+            "EDGE_CAMERAS__dead__SOURCE": f"http://127.0.0.1:{free_port()}/x.mjpg",
+            "EDGE_CAMERAS__junk__SOURCE": str(tmp_path / "junk.mp4"),
+        },
+        timeout=90,
+    )
+    assert proc.returncode == 78
+    assert "problem: camera gone" in proc.stderr
+    assert "problem: camera dead" in proc.stderr
+    assert "problem: camera junk" in proc.stderr
+    assert "[ WARN" not in proc.stderr, proc.stderr
+    assert "[ERROR" not in proc.stderr, proc.stderr
+
+
+def test_env_example_never_replaces_what_is_not_a_regular_file(tmp_path: Path) -> None:
+    """Before: ``env-example --output /dev/full`` replaced the device with a file."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for target in (fifo, folder, tmp_path / "no" / "such" / "dir" / "x.env"):
+        proc = run_daemon("env-example", "--output", str(target))
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("edge-daemon: error: --output ")
+        assert len(proc.stderr.strip().splitlines()) == 1
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert folder.is_dir()
+    written = tmp_path / "example.env"
+    assert run_daemon("env-example", "--output", str(written)).returncode == 0
+    assert "EDGE_MQTT__HOST" in written.read_text()

@@ -23,6 +23,7 @@ from tests.helpers import (
     spawn_daemon,
     subscriber,
     unique_prefix,
+    wait_until,
     write_video,
 )
 
@@ -87,12 +88,12 @@ def test_queue_bound_drops_the_oldest_during_an_outage(tmp_path: Path) -> None:
         with running(daemon):
             time.sleep(0.5)
             broker.kill()
-            assert daemon.cameras[0].finished or time.sleep(5) is None
-            time.sleep(0.5)
-            assert daemon.publisher.queued == 50
+            # 200 frames at 50 fps: the file ends within about 4 s of the start.
+            assert wait_until(lambda: daemon.cameras[0].finished, timeout=20)
+            assert wait_until(lambda: daemon.publisher.queued == 50, timeout=5)
             assert daemon.publisher.dropped > 0
             stats = daemon.stats_payload()
-            assert stats["mqtt"]["dropped"] == daemon.publisher.dropped  # type: ignore[index]
+            assert stats["mqtt"]["dropped"] == daemon.publisher.dropped
 
 
 def test_sigterm_stops_cleanly_within_5_seconds() -> None:
@@ -202,15 +203,17 @@ def test_notify_ready_status_watchdog_and_pings_stop_when_inference_hangs(tmp_pa
     prefix = unique_prefix()
     daemon = Daemon(settings_for(prefix), notifier=notifier)
     hang = threading.Event()
+    hanging = threading.Event()
     release = threading.Event()
-    real_run = daemon.engine.run
+    real_infer = daemon.engine.infer
 
-    def maybe_hang(batch):  # type: ignore[no-untyped-def]
+    def maybe_hang(images):  # type: ignore[no-untyped-def]
         if hang.is_set():
+            hanging.set()
             release.wait(30)
-        return real_run(batch)
+        return real_infer(images)
 
-    daemon.engine.run = maybe_hang  # type: ignore[method-assign]
+    daemon.engine.infer = maybe_hang  # type: ignore[method-assign]
 
     def pings(since: float) -> int:
         return sum(1 for at, text in received if at >= since and "WATCHDOG=1" in text)
@@ -222,7 +225,10 @@ def test_notify_ready_status_watchdog_and_pings_stop_when_inference_hangs(tmp_pa
             assert any("STATUS=" in text and "frames/s" in text for _, text in received)
             assert pings(received[0][0]) >= 3  # every half second while healthy
             hang.set()
-            time.sleep(1.0)  # the batch in flight blocks now
+            assert hanging.wait(10)  # the next batch blocks now
+            # The progress made just before the hang may still earn one ping (at most every
+            # half second): look from after that.
+            time.sleep(0.6)
             stuck_since = time.monotonic()
             time.sleep(2.5)
             assert pings(stuck_since) == 0, "pinged the watchdog while inference was stuck"

@@ -12,8 +12,8 @@ import pytest
 
 from edge_daemon.pipeline import Daemon
 from edge_daemon.postprocess import top_k
-from edge_daemon.preprocess import preprocess_batch
-from edge_daemon.settings import SAMPLE_CLIP, CameraSettings, sample_camera_rois
+from edge_daemon.preprocess import as_image, preprocess_batch
+from edge_daemon.settings import SAMPLE_CLIP, CameraSettings, Roi, sample_camera_rois
 from tests.helpers import (
     RtspServer,
     Subscriber,
@@ -48,14 +48,17 @@ def test_rtsp_camera_is_classified_and_comes_back_after_the_camera_restarts(
     server = RtspServer(tmp_path / "frames", [frame], fps=15)
     prefix = unique_prefix()
     camera = CameraSettings(
-        source=server.url, open_timeout_s=3, read_timeout_s=2, rois=sample_camera_rois()
+        source=server.url,
+        open_timeout_s=3,
+        read_timeout_s=2,
+        rois={name: Roi.parse(text) for name, text in sample_camera_rois().items()},
     )
     try:
         server.start()
         with subscriber(prefix) as sub:
             daemon = Daemon(settings_for(prefix, cameras={"door": camera}))
             # What the model makes of the served JPEG decoded here, without the network.
-            jpeg = cv2.imread(str(tmp_path / "frames" / "0000.jpg"))
+            jpeg = as_image(cv2.imread(str(tmp_path / "frames" / "0000.jpg")))
             x, y, w, h = camera.rois["digit"].box(jpeg.shape[1], jpeg.shape[0])
             batch = preprocess_batch([jpeg[y : y + h, x : x + w]], daemon.engine.input_spec)
             local = top_k(daemon.engine.scores(batch)[0], daemon.engine.labels)[0].label

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_daemon.engine import Engine
+from edge_daemon.engine import MAX_INTERPRETERS, Engine
 from edge_daemon.errors import DelegateError, ModelError
 from edge_daemon.manifest import ModelManifest, read_manifest
+from edge_daemon.preprocess import preprocess_batch
 from edge_daemon.runtime import load_edgetpu_delegate, load_runtime
 from tests.conftest import ZOO_MODES, Zoo
 
@@ -39,25 +40,36 @@ def test_every_mode_predicts_what_the_converter_measured(zoo: Zoo, mode: str) ->
     assert np.allclose(scores.sum(axis=1), 1.0, atol=0.05)
 
 
-def test_dynamic_batch_resizes_once_per_size(zoo: Zoo) -> None:
+def test_dynamic_batch_keeps_one_interpreter_per_size(zoo: Zoo) -> None:
     engine = Engine.from_path(zoo.model("int8"))
     assert engine.input_spec.dynamic_batch
-    calls: list[list[int]] = []
-    original = engine.interpreter.resize_tensor_input
-
-    def counting(index: int, shape: list[int], strict: bool = False) -> None:
-        calls.append(list(shape))
-        original(index, shape, strict=strict)
-
-    engine.interpreter.resize_tensor_input = counting
     images = list(zoo.heldout_images[:8])
     single = np.concatenate([engine.classify(images[i : i + 1]) for i in range(8)])
     batched = engine.classify(images)
+    assert engine.resizes == 1  # batch 1 was the loaded size; 8 made once
+    # Alternating sizes (3 and 5, 2,000 times) resized 2,000 times before: now twice in all.
+    for i in range(2000):
+        engine.classify(images[: 3 if i % 2 else 5])
+    assert engine.resizes == 3
     again = engine.classify(images)
-    assert [c[0] for c in calls] == [8]  # batch 1 was the loaded size; 8 resized once
     # Batching must not change any result.
     np.testing.assert_allclose(batched, single, atol=1e-6)
     np.testing.assert_array_equal(batched, again)
+    # Preprocessing straight into the interpreter's input gives what a separate batch gives.
+    spec = engine.input_spec
+    np.testing.assert_array_equal(
+        np.argmax(engine.scores(preprocess_batch(images, spec)), axis=1),
+        np.argmax(batched, axis=1),
+    )
+
+
+def test_more_batch_sizes_than_kept_interpreters_still_run(zoo: Zoo) -> None:
+    engine = Engine.from_path(zoo.model("float32"))
+    images = list(zoo.heldout_images[:12])
+    reference = engine.classify(images)
+    for size in range(1, 13):  # 12 sizes, more than MAX_INTERPRETERS
+        np.testing.assert_allclose(engine.classify(images[:size]), reference[:size], atol=1e-5)
+    assert len(engine._interpreters) <= MAX_INTERPRETERS
 
 
 def test_fixed_batch_model_runs_element_by_element(zoo: Zoo) -> None:

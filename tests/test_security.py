@@ -5,15 +5,24 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from edge_daemon.broker import PrivateBroker, start_mosquitto
-from edge_daemon.capture import redact
 from edge_daemon.pipeline import Daemon
-from tests.helpers import run_daemon, running, settings_for, subscriber, unique_prefix
+from edge_daemon.sources import redact
+from tests.helpers import (
+    run_daemon,
+    running,
+    settings_for,
+    subscriber,
+    unique_prefix,
+    wait_until,
+)
 
 pytestmark = pytest.mark.runtime
 
@@ -105,7 +114,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 @pytest.fixture(scope="module")
-def tls_broker(pki: Pki) -> PrivateBroker:
+def tls_broker(pki: Pki) -> Iterator[PrivateBroker]:
     config = (
         f"cafile {pki.ca}\ncertfile {pki.server_cert}\nkeyfile {pki.server_key}\n"
         "require_certificate true\n"
@@ -122,7 +131,7 @@ def tls_broker(pki: Pki) -> PrivateBroker:
         )
     )
     broker.relaunch()
-    yield broker  # type: ignore[misc]
+    yield broker
     broker.stop()
 
 
@@ -236,6 +245,17 @@ def test_password_from_a_file_or_a_systemd_credential(
         ),
         ("http://cam.lan:8080/stream.mjpg", "http://cam.lan:8080/stream.mjpg"),
         ("/dev/video0", "/dev/video0"),
+        ("rtsp://ad@min.lan:pw@cam/x", "rtsp://***@cam/x"),  # a user name with @
+        ("rtsp://admin:p w:@#x@cam/x", "rtsp://admin:***@cam/x"),  # unencoded characters
+        ("rtsp://:onlypw@cam/x", "rtsp://***@cam/x"),
+        (
+            "https://cam/s?access_token=abc.def&apikey=K1&sig=S2&auth=A3&key=K4&fps=5",
+            "https://cam/s?access_token=***&apikey=***&sig=***&auth=***&key=***&fps=5",
+        ),
+        (
+            "http://cam/v?token=t0k&X-Amz-Signature=ab12",
+            "http://cam/v?token=***&X-Amz-Signature=***",
+        ),
     ],
 )
 def test_sources_are_redacted(source: str, shown: str) -> None:
@@ -285,3 +305,66 @@ def test_secrets_never_appear_in_logs_errors_check_or_messages(
             daemon.publish_stats()
             time.sleep(0.5)
         assert all(SECRET.encode() not in m.payload for m in sub.messages)
+
+
+# --- broker misconfigurations say what is wrong, once -------------------------------------------
+
+
+def errors(caplog: pytest.LogCaptureFixture, needle: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and needle in r.getMessage()
+    ]
+
+
+def test_plain_mqtt_to_a_tls_port_says_so_once(
+    tls_broker: PrivateBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: never connected and logged nothing for 38 s."""
+    caplog.set_level(logging.INFO)
+    mqtt = {"port": tls_broker.port, "reconnect_min_s": 0.2, "reconnect_max_s": 0.5}
+    daemon = Daemon(settings_for(unique_prefix(), mqtt=mqtt))
+    with running(daemon):
+        assert wait_until(lambda: bool(errors(caplog, "expects TLS")), timeout=10)
+        time.sleep(3.0)  # many more attempts fail the same way
+    assert daemon.publisher.connects == 0
+    said = errors(caplog, "expects TLS")
+    assert len(said) == 1, said
+    assert "EDGE_MQTT__TLS=true" in said[0]
+
+
+def test_a_refused_login_is_logged_once_per_reason(
+    tls_broker: PrivateBroker, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: one error line per retry (14 in 25 s)."""
+    caplog.set_level(logging.INFO)
+    mqtt = tls_settings(tls_broker, pki, password=SECRET, reconnect_min_s=0.2, reconnect_max_s=0.4)
+    daemon = Daemon(settings_for(unique_prefix(), mqtt=mqtt))
+    with running(daemon):
+        assert wait_until(lambda: daemon.publisher.refusals >= 4, timeout=20)
+    assert len(errors(caplog, "refused the connection")) == 1
+    assert SECRET not in caplog.text
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_two_daemons_with_one_client_id_are_told_apart(
+    protocol: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: they took each other's session 19 times in 40 s with only "Unspecified error"."""
+    caplog.set_level(logging.INFO)
+    client_id = f"twin-{uuid.uuid4().hex[:8]}"
+    mqtt = {
+        "client_id": client_id,
+        "protocol": protocol,
+        "reconnect_min_s": 0.2,
+        "reconnect_max_s": 0.5,
+    }
+    first = Daemon(settings_for(unique_prefix(), mqtt=mqtt))
+    second = Daemon(settings_for(unique_prefix(), mqtt=mqtt))
+    with running(first), running(second):
+        assert wait_until(lambda: bool(errors(caplog, "another client")), timeout=20)
+    said = errors(caplog, "another client")
+    assert client_id in said[0]
+    assert "EDGE_DEVICE_ID" in said[0]
+    assert len(said) <= 2  # once per daemon

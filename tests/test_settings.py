@@ -12,8 +12,9 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import pytest
 from pydantic import BaseModel, SecretStr
 
+from edge_daemon.config import env_name, load_settings
 from edge_daemon.errors import ConfigError
-from edge_daemon.settings import BUNDLED_MODEL, Roi, Settings, env_name, load_settings
+from edge_daemon.settings import BUNDLED_MODEL, Roi, Settings
 
 pytestmark = pytest.mark.runtime
 

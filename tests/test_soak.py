@@ -114,16 +114,16 @@ def test_soak_two_cameras_broker_restarted_twice(tmp_path: Path) -> None:
     first = statistics.median(rss for _, rss, _ in samples[:5])
     last = statistics.median(rss for _, rss, _ in samples[-5:])
     growth = (last - first) / first * 100
-    threads = {t for _, _, t in samples}
+    thread_counts = {t for _, _, t in samples}
     fps = {name: cam["fps"] for name, cam in stats["cameras"].items()}
     print(
         f"\nsoak {seconds:.0f} s: {produced} labels produced, {received} received "
         f"({unique} distinct), {dropped} dropped; RSS {first / 1024:.1f} -> "
-        f"{last / 1024:.1f} MiB ({growth:+.2f}%); threads {sorted(threads)}; "
+        f"{last / 1024:.1f} MiB ({growth:+.2f}%); threads {sorted(thread_counts)}; "
         f"camera fps {fps}; broker restarted twice"
     )
     assert dropped == 0
     assert unique == produced, "labels lost"
     assert growth < 5.0, f"resident memory grew {growth:.2f}%"
-    assert len(threads) == 1, f"thread count changed: {sorted(threads)}"
+    assert len(thread_counts) == 1, f"thread count changed: {sorted(thread_counts)}"
     assert min(fps.values()) > 20

@@ -1,0 +1,93 @@
+"""No silent death: a stage whose thread dies stops the daemon with exit 1 and says why.
+
+Before, preprocessing ran outside the inference ``try`` and nothing watched the inference or
+the publisher's threads: the daemon reported healthy, published nothing and exited 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge_daemon import engine as engine_module
+from edge_daemon import preprocess
+from edge_daemon.pipeline import Daemon, StageError
+from tests.helpers import running, settings_for, subscriber, unique_prefix, wait_until
+
+pytestmark = pytest.mark.runtime
+
+
+def dies_with(daemon: Daemon, thread: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The daemon stops by itself, blaming ``thread``, with an exit code systemd restarts."""
+    assert wait_until(lambda: daemon.fatal is not None, timeout=20), "the death went unnoticed"
+    assert isinstance(daemon.fatal, StageError)
+    assert thread in str(daemon.fatal)
+    assert daemon.fatal.exit_code == 1
+    assert any(
+        r.levelno == logging.CRITICAL and thread in r.getMessage() for r in caplog.records
+    ), "no log line says which stage died"
+
+
+def test_inference_thread_death_stops_the_daemon(caplog: pytest.LogCaptureFixture) -> None:
+    daemon = Daemon(settings_for(unique_prefix()))
+    real = daemon.batcher.next_batch
+    calls = {"n": 0}
+
+    def breaks_after_a_few(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise MemoryError("injected")
+        return real(*args, **kwargs)
+
+    daemon.batcher.next_batch = breaks_after_a_few  # type: ignore[method-assign]
+    with running(daemon):
+        dies_with(daemon, "inference", caplog)
+
+
+def test_mqtt_sender_death_stops_the_daemon(caplog: pytest.LogCaptureFixture) -> None:
+    daemon = Daemon(settings_for(unique_prefix()))
+
+    def broken() -> bool:
+        raise RuntimeError("injected")
+
+    daemon.publisher._can_send = broken  # type: ignore[method-assign]
+    with running(daemon):
+        dies_with(daemon, "mqtt-sender", caplog)
+
+
+# The thread really dies with an exception, which pytest reports besides.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_paho_network_thread_death_stops_the_daemon(caplog: pytest.LogCaptureFixture) -> None:
+    daemon = Daemon(settings_for(unique_prefix()))
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("injected")
+
+    daemon.publisher._client.on_publish = broken
+    with running(daemon):
+        dies_with(daemon, "mqtt-network", caplog)
+
+
+def test_a_failing_preprocess_drops_the_batch_not_the_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    prefix = unique_prefix()
+    real = preprocess.preprocess_into
+    calls = {"n": 0}
+
+    def fails_sometimes(image: np.ndarray, *args: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] % 4 == 0:
+            raise ValueError("injected: a crop the resize cannot take")
+        real(image, *args)
+
+    monkeypatch.setattr(engine_module, "preprocess_into", fails_sometimes)
+    with subscriber(prefix) as sub:
+        daemon = Daemon(settings_for(prefix))
+        with running(daemon):
+            assert sub.wait_for(lambda: len(sub.labels()) >= 15, timeout=30)
+            assert daemon.stats.errors >= 3
+    assert daemon.fatal is None

@@ -1,0 +1,233 @@
+"""The pure parts, each alone: batching, the pixel table, top-k, regions, backoff, scores, JSON."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+
+import jsonschema
+import numpy as np
+import pytest
+
+from edge_daemon.backoff import Backoff
+from edge_daemon.batcher import WHOLE_FRAME, Batcher
+from edge_daemon.capture import Camera, Frame
+from edge_daemon.control import Inbox
+from edge_daemon.manifest import InputSpec, OutputSpec, Quantization
+from edge_daemon.postprocess import Class, finite_rows, scores, softmax, top_k
+from edge_daemon.prediction import EncodeError, Prediction, encode
+from edge_daemon.preprocess import pixel_table, preprocess_into
+from edge_daemon.settings import CameraSettings, Roi
+from tests.helpers import PREDICTION
+
+pytestmark = pytest.mark.runtime
+
+# --- batcher ------------------------------------------------------------------------------------
+
+
+def camera(name: str, rois: dict[str, str] | None = None) -> Camera:
+    parsed = {k: Roi.parse(v) for k, v in (rois or {}).items()}
+    return Camera(name, CameraSettings(source=f"/tmp/{name}.mp4", rois=parsed))
+
+
+def offer(cam: Camera, number: int, size: tuple[int, int] = (40, 60)) -> None:
+    image = np.full((*size, 3), number % 256, np.uint8)
+    cam.offer(Frame(image, number, time.monotonic(), time.time()))
+
+
+def test_batcher_takes_each_cameras_freshest_frame_once() -> None:
+    a, b = camera("a"), camera("b", {"left": "0,0,0.5,1", "right": "0.5,0,0.5,1"})
+    batcher = Batcher([a, b], max_batch=8, max_delay_s=0.0)
+    stop = threading.Event()
+    for n in range(3):
+        offer(a, n)  # only the freshest survives
+    offer(b, 7)
+    items = batcher.next_batch(stop)
+    assert [(i.camera, i.roi, i.frame.number) for i in items] == [
+        ("a", WHOLE_FRAME, 2),
+        ("b", "left", 7),
+        ("b", "right", 7),
+    ]
+    assert items[1].crop.shape == (40, 30, 3)
+    assert batcher.next_batch(stop, idle_timeout=0.05) == []  # nothing new
+
+
+def test_batcher_never_splits_a_frames_regions_and_rotates_so_none_starves() -> None:
+    cams = [camera(f"c{i}", {"x": "0,0,1,1", "y": "0,0,0.5,0.5"}) for i in range(3)]
+    batcher = Batcher(cams, max_batch=4, max_delay_s=0.0)
+    stop = threading.Event()
+    served: list[str] = []
+    for round_ in range(6):
+        for cam in cams:
+            offer(cam, round_)
+        items = batcher.next_batch(stop)
+        assert len(items) == 4  # two cameras' two regions; a third would not fit
+        served += sorted({i.camera for i in items})
+    assert {served.count(c.name) for c in cams} == {4}  # each camera in 4 of 6 batches
+
+
+def test_batcher_waits_at_most_max_delay_for_more_and_not_when_all_have_a_frame() -> None:
+    a, b = camera("a"), camera("b")
+    batcher = Batcher([a, b], max_batch=8, max_delay_s=0.3)
+    stop = threading.Event()
+    offer(a, 1)
+    started = time.monotonic()
+    assert len(batcher.next_batch(stop)) == 1
+    assert 0.25 <= time.monotonic() - started < 2.0  # waited for b, then gave up
+    offer(a, 2)
+    offer(b, 2)
+    started = time.monotonic()
+    assert len(batcher.next_batch(stop)) == 2
+    assert time.monotonic() - started < 0.25  # every camera had a frame: no wait
+    a.paused = True
+    offer(a, 3)
+    assert batcher.next_batch(stop, idle_timeout=0.05) == []  # paused frames are not taken
+
+
+# --- preprocessing ------------------------------------------------------------------------------
+
+
+def spec(**kw: object) -> InputSpec:
+    base: dict[str, object] = {
+        "height": 4,
+        "width": 4,
+        "channels": 1,
+        "colour": "gray",
+        "dtype": "float32",
+        "scale": 1 / 255,
+        "offset": 0.0,
+    }
+    base.update(kw)
+    return InputSpec.model_validate(base)
+
+
+def test_pixel_table_normalises_and_quantises_exactly() -> None:
+    table = pixel_table(spec())
+    assert table.dtype == np.float32
+    assert table[0] == 0.0
+    assert table[255] == pytest.approx(1.0)
+    q = pixel_table(spec(dtype="int8", quantization=Quantization(scale=1 / 255, zero_point=-128)))
+    assert (q[0], q[128], q[255]) == (-128, 0, 127)
+    # Out-of-range values clip instead of wrapping around.
+    clipped = pixel_table(spec(dtype="uint8", scale=2.0, offset=-10.0))
+    assert (clipped[0], clipped[5], clipped[200]) == (0, 0, 255)
+    with pytest.raises(ValueError, match="read-only"):
+        table[0] = 1.0
+
+
+def test_preprocess_into_writes_a_slot_in_place() -> None:
+    image = np.zeros((8, 8, 3), np.uint8)
+    image[:4, :4] = 255
+    out = np.full((4, 4, 1), -1.0, np.float32)
+    preprocess_into(image, spec(), out)
+    assert out[0, 0, 0] == pytest.approx(1.0)
+    assert out[3, 3, 0] == 0.0
+
+
+# --- postprocessing -----------------------------------------------------------------------------
+
+
+def test_top_k_ties_go_to_the_lower_index_and_threshold_filters() -> None:
+    row = np.array([0.2, 0.3, 0.3, 0.2], np.float32)
+    labels = ("a", "b", "c", "d")
+    assert [c.label for c in top_k(row, labels, 4)] == ["b", "c", "a", "d"]
+    assert [c.label for c in top_k(row, labels, 10, threshold=0.25)] == ["b", "c"]
+
+
+def test_scores_dequantise_softmax_logits_and_leave_non_finite_rows_to_the_caller() -> None:
+    probs = OutputSpec(classes=3, dtype="float32")
+    raw = np.array(
+        [[0.1, 0.7, 0.2], [2.0, -1.0, 0.5], [np.inf, 0.0, 0.0], [np.nan, 0.1, 0.2]], np.float32
+    )
+    result = scores(raw, probs)
+    assert result.softmaxed  # row 1 is logits in a model that claims probabilities
+    np.testing.assert_allclose(result.values[0], [0.1, 0.7, 0.2])
+    np.testing.assert_allclose(result.values[1], softmax(raw[1:2])[0], rtol=1e-6)
+    assert list(finite_rows(result.values)) == [True, True, False, False]
+    assert raw[1, 0] == 2.0  # the caller's array is untouched
+    quantised = OutputSpec(
+        classes=2, dtype="uint8", quantization=Quantization(scale=1 / 256, zero_point=0)
+    )
+    out = scores(np.array([[64, 192]], np.uint8), quantised)
+    np.testing.assert_allclose(out.values, [[0.25, 0.75]])
+    assert not out.softmaxed
+
+
+def test_softmax_is_stable_for_huge_logits() -> None:
+    out = softmax(np.array([[1e30, 0.0, -1e30]], np.float32))
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, [[1.0, 0.0, 0.0]])
+
+
+# --- regions and backoff ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "box"),
+    [
+        ("0.5,0.2,0.5,0.8", (320, 96, 320, 384)),  # fractions of 640x480
+        ("10,20,100,50", (10, 20, 100, 50)),  # pixels
+        ("600,400,100,100", (600, 400, 40, 80)),  # clipped to the frame
+        ("5000,5000,10,10", (639, 479, 1, 1)),  # off the frame: one pixel at the corner
+        ("0,0,1,1", (0, 0, 640, 480)),  # all at most 1: the whole frame
+    ],
+)
+def test_roi_boxes(text: str, box: tuple[int, int, int, int]) -> None:
+    assert Roi.parse(text).box(640, 480) == box
+
+
+def test_backoff_doubles_with_jitter_up_to_the_maximum_and_resets() -> None:
+    backoff = Backoff(1.0, 8.0, random.Random(1))
+    delays = [backoff.next() for _ in range(8)]
+    nominal = [1, 2, 4, 8, 8, 8, 8, 8]
+    for delay, base in zip(delays, nominal, strict=True):
+        assert 0.5 * base <= delay <= base
+    assert len(set(delays)) == len(delays)  # jittered: no two alike
+    backoff.reset()
+    assert backoff.next() <= 1.0
+
+
+# --- payloads -----------------------------------------------------------------------------------
+
+
+def prediction(score: float) -> Prediction:
+    return Prediction.from_top(
+        (Class(3, "three", score), Class(1, "one", 0.05)),
+        0.5,
+        device="dev",
+        camera="door",
+        roi="frame",
+        frame=12,
+        captured=1_700_000_000.123,
+        model="digits",
+        latency_ms=1.5,
+        inference_ms=0.25,
+        batch=2,
+    )
+
+
+def test_prediction_encodes_to_the_schema() -> None:
+    payload = json.loads(prediction(0.9).to_json())
+    jsonschema.validate(payload, PREDICTION)
+    assert payload["label"] == "three"
+    assert payload["ts"] == "2023-11-14T22:13:20.123+00:00"
+    assert json.loads(prediction(0.4).to_json())["label"] is None  # below the threshold
+
+
+def test_nan_and_infinity_are_never_encoded() -> None:
+    with pytest.raises(EncodeError):
+        prediction(float("nan")).to_json()
+    with pytest.raises(EncodeError):
+        encode({"score": float("inf")})
+
+
+def test_inbox_drops_oversize_and_oldest_messages_and_counts_them() -> None:
+    inbox = Inbox(max_bytes=10, size=3)
+    for payload in (b"1", b"x" * 11, b"2", b"3", b"4"):
+        inbox.put(payload)
+    assert inbox.drain() == [b"2", b"3", b"4"]
+    assert (inbox.received, inbox.oversize, inbox.dropped) == (5, 1, 1)
+    assert inbox.oversize_since_last_call() == 1
+    assert inbox.oversize_since_last_call() == 0
