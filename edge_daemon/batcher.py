@@ -46,7 +46,7 @@ class Batcher:
     def notify(self) -> None:
         """A camera has a new frame (called from its reader thread)."""
         with self._ready:
-            self._ready.notify()
+            self._ready.notify_all()
 
     def rois(self, camera: str) -> list[str]:
         """ROI names of a camera, ``frame`` for the whole frame when it has none."""

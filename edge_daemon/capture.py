@@ -2,7 +2,8 @@
 
 One :class:`Camera` per source. Its reader thread reads continuously and overwrites a single
 slot, so a slow inference never makes latency or memory grow. Frames that the FPS cap (or a
-pause) would drop are only grabbed, never decoded into an image. A source that fails to open,
+pause) would drop are only grabbed: no colour conversion or copy (and for a device sending
+MJPEG, no JPEG decode; FFmpeg sources still decode on grab). A source that fails to open,
 stops delivering, or ends is closed and reopened with jittered exponential backoff, by its own
 thread, independently of every other camera. The capture belongs to that thread alone: it opens
 it, reads it and releases it, so no other thread can release a capture a read is inside. The
@@ -64,6 +65,7 @@ class Camera:
         self._opener = opener
         self._backoff = backoff or Backoff(0.5, 30.0)
         self._lock = threading.Lock()
+        self._status_lock = threading.Lock()
         self._frame: Frame | None = None
         self._seq = 0
         self._taken = 0
@@ -141,23 +143,31 @@ class Camera:
 
     def check_stalled(self) -> None:
         """Called from outside the reader: mark the camera offline when frames stopped."""
-        if self._online and self.last_frame_age() > self.settings.read_timeout_s:
-            self._set_online(False, f"no frame for {self.settings.read_timeout_s:g} s")
+        timeout = self.settings.read_timeout_s
+        # The age is checked again under the lock: a frame may just have brought it online.
+        self._set_online(
+            False, f"no frame for {timeout:g} s", unless=lambda: self.last_frame_age() <= timeout
+        )
 
     # --- reader thread ---------------------------------------------------------------------
 
-    def _set_online(self, online: bool, why: str) -> None:
-        if online == self._online:
-            return
-        self._online = online
-        why = redact(why)
-        if online:
-            log.info("camera %s online (%s)", self.name, why)
-        elif self._stop.is_set() or self._finished:
-            log.info("camera %s offline: %s", self.name, why)
-        else:
-            log.warning("camera %s offline: %s", self.name, why)
-        self._on_status(self.name, online, why)
+    def _set_online(
+        self, online: bool, why: str, unless: Callable[[], bool] = lambda: False
+    ) -> None:
+        """Change the camera's status and publish it, unless it already is that (or
+        ``unless()``); under a lock, since the reader and the supervisor both call this."""
+        with self._status_lock:
+            if online == self._online or unless():
+                return
+            self._online = online
+            why = redact(why)
+            if online:
+                log.info("camera %s online (%s)", self.name, why)
+            elif self._stop.is_set() or self._finished:
+                log.info("camera %s offline: %s", self.name, why)
+            else:
+                log.warning("camera %s offline: %s", self.name, why)
+            self._on_status(self.name, online, why)
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -12,9 +12,10 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_daemon.config import load_settings
+from edge_daemon.connection import diagnose, tls_context
 from edge_daemon.engine import load_engine, model_summary
 from edge_daemon.errors import EdgeDaemonError
-from edge_daemon.publisher import close_client, diagnose, tls_context
+from edge_daemon.publisher import close_client
 from edge_daemon.settings import CameraSettings, Settings, sample_camera
 from edge_daemon.sources import open_source, redact
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 
 from edge_daemon import __version__
 from edge_daemon.errors import ConfigError, EdgeDaemonError, UsageError
+from edge_daemon.signals import stop_on_signals
 
 log = logging.getLogger("edge_daemon")
 
@@ -104,25 +103,22 @@ def _setup_logging(level: str, debug: bool) -> None:
         logging.getLogger("paho").setLevel(logging.WARNING)
 
 
-def _stop_on_signals(stop: threading.Event) -> None:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        del frame
-        log.info("received %s, stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-
-
 def _run(args: argparse.Namespace) -> int:
-    from edge_daemon.config import load_settings  # noqa: PLC0415
-    from edge_daemon.engine import model_summary  # noqa: PLC0415 - a fast --help
+    # First of all: a stop asked for while the model loads must be a clean stop too.
+    stop = threading.Event()
+    stop_watching_signals = stop_on_signals(stop)
+    try:
+        return _run_until_stopped(args, stop)
+    finally:
+        stop_watching_signals()
+
+
+def _run_until_stopped(args: argparse.Namespace, stop: threading.Event) -> int:
+    from edge_daemon.config import load_settings  # noqa: PLC0415 - a fast --help
+    from edge_daemon.engine import model_summary  # noqa: PLC0415
     from edge_daemon.pipeline import Daemon  # noqa: PLC0415
     from edge_daemon.sources import quiet_opencv  # noqa: PLC0415
 
-    # First of all: a stop asked for while the model loads must be a clean stop too.
-    stop = threading.Event()
-    _stop_on_signals(stop)
     settings = load_settings(args.env_file)
     _setup_logging(settings.log_level, args.debug)
     quiet_opencv(args.debug)
@@ -134,8 +130,8 @@ def _run(args: argparse.Namespace) -> int:
             "Set EDGE_CAMERAS__<name>__SOURCE (a device, file, rtsp:// or http:// URL) "
             "to use your own"
         )
-    daemon.start()
     try:
+        daemon.start()
         daemon.run(duration=args.duration, stop=stop)
     finally:
         daemon.stop()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import ctypes.util
+import functools
 import json
 import logging
 import threading
@@ -204,6 +205,21 @@ COMMAND_LIMITS: Mapping[str, tuple[float, int]] = {
 }
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, looked up once; None where there is no glibc."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
 def release_memory() -> bool:
     """Hand freed heap memory back to the system (glibc's ``malloc_trim``).
 
@@ -211,15 +227,9 @@ def release_memory() -> bool:
     them in its arenas, and the resident size stays high for good. False where there is no
     glibc.
     """
-    name = ctypes.util.find_library("c")
-    if name is None:
+    trim = _malloc_trim()
+    if trim is None:
         return False
-    try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
     trim(0)
     return True
 

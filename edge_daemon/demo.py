@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from edge_daemon.engine import model_summary
 from edge_daemon.pipeline import Daemon
 from edge_daemon.publisher import close_client
 from edge_daemon.settings import SAMPLE_CLIP
+from edge_daemon.signals import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +116,13 @@ def _demo(host: str, port: int, duration: float | None) -> int:
         port,
     )
     stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    daemon.start()
+    stop_watching_signals = stop_on_signals(stop)
     try:
+        daemon.start()
         daemon.run(duration=duration, stop=stop)
     finally:
         daemon.stop()
+        stop_watching_signals()
         time.sleep(0.5)
         close_client(subscriber)
     with tally.lock:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,7 +31,13 @@ from edge_daemon.manifest import (
     read_manifest,
 )
 from edge_daemon.preprocess import Image, preprocess_into
-from edge_daemon.runtime import RuntimeName, load_edgetpu_delegate, load_runtime, make_interpreter
+from edge_daemon.runtime import (
+    RuntimeName,
+    load_edgetpu_delegate,
+    load_runtime,
+    make_interpreter,
+    read_model,
+)
 from edge_daemon.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -77,9 +84,13 @@ class Engine:
         #: True when the model runs on an Edge TPU (its delegate loaded).
         self.on_edgetpu = use_edgetpu
         self._num_threads = num_threads
+        # Read once: interpreters made later for other batch sizes come from these bytes, not
+        # from a file that may have been replaced (or half-copied) since.
+        self._content = read_model(model_path)
         first = make_interpreter(
             model_path,
             runtime=self.runtime,
+            content=self._content,
             num_threads=num_threads,
             delegates=delegates,
             verify=verify,
@@ -118,11 +129,15 @@ class Engine:
                 f"{model_path} has a fixed batch of {self._first_size}: convert it "
                 "with a dynamic batch dimension, or a batch of 1"
             )
+        #: Batches run in one call (a dynamic batch on the CPU); otherwise image by image. An
+        #: Edge TPU runs one image at a time, and more interpreters would fight over its cache.
+        self.batched = self.input_spec.dynamic_batch and not use_edgetpu
         #: Interpreters by the batch size their input is shaped for, least recently used first.
         self._interpreters: OrderedDict[int, Any] = OrderedDict({self._first_size: first})
         #: Interpreters made or resized for a new batch size since loading.
         self.resizes = 0
-        self._said_logits = False
+        #: Set once any output showed values outside 0..1: the model gives logits.
+        self._logits = self.output_spec.kind == "logits"
 
     @classmethod
     def from_path(cls, model_path: Path, **kwargs: Any) -> Engine:
@@ -186,6 +201,9 @@ class Engine:
         classes = int(self._output["shape"][1])
         if classes != self.output_spec.classes:
             problems.append(f"{classes} outputs, not the manifest's {self.output_spec.classes}")
+        signature = self._input.get("shape_signature", self._input["shape"])
+        if spec.dynamic_batch and int(signature[0]) != -1:
+            problems.append("the manifest says the batch is dynamic, the model's is fixed")
         if problems:
             raise ModelError(
                 f"{self.model_path} does not fit its manifest: {'; '.join(problems)}; "
@@ -201,7 +219,7 @@ class Engine:
 
     @property
     def interpreter(self) -> Any:
-        """The interpreter for batch 1 (the one loaded first)."""
+        """The interpreter loaded first (batch 1); it is never resized or dropped."""
         return self._interpreters[self._first_size]
 
     def _interpreter_for(self, size: int) -> Any:
@@ -214,13 +232,15 @@ class Engine:
             return kept
         started = time.perf_counter()
         if len(self._interpreters) >= MAX_INTERPRETERS:
-            _, interpreter = self._interpreters.popitem(last=False)
+            oldest = next(s for s in self._interpreters if s != self._first_size)
+            interpreter = self._interpreters.pop(oldest)
         else:
             interpreter = make_interpreter(
                 self.model_path,
                 runtime=self.runtime,
+                content=self._content,
                 num_threads=self._num_threads,
-                verify=False,  # the same file was checked when the engine loaded
+                verify=False,  # the same bytes were checked when the engine loaded
             )
         shape = [size, self.input_spec.height, self.input_spec.width, self.input_spec.channels]
         interpreter.resize_tensor_input(self._input["index"], shape, strict=True)
@@ -240,8 +260,14 @@ class Engine:
     ) -> npt.NDArray[np.generic]:
         """Write the input in place with ``fill(view)``, invoke, return a copy of the output."""
         view = interpreter.tensor(self._input["index"])()
-        fill(view)
-        # The runtime refuses to invoke while a view of its buffers is alive.
+        try:
+            fill(view)
+        except BaseException as exc:
+            # The runtime refuses to invoke while a view of its buffers is alive, and the
+            # traceback's frames hold views (kept for as long as a log record keeps it).
+            del view
+            traceback.clear_frames(exc.__traceback__)
+            raise
         del view
         interpreter.invoke()
         out: npt.NDArray[np.generic] = interpreter.get_tensor(self._output["index"])
@@ -258,7 +284,7 @@ class Engine:
             return lambda view: np.copyto(view, source)
 
         n = batch.shape[0]
-        if self.input_spec.dynamic_batch:
+        if self.batched:
             return self._invoke(self._interpreter_for(n), copy_from(batch))
         one = self.interpreter
         return np.concatenate([self._invoke(one, copy_from(batch[i : i + 1])) for i in range(n)])
@@ -272,7 +298,7 @@ class Engine:
             for slot, image in zip(view, images, strict=True):
                 preprocess_into(image, spec, slot)
 
-        if spec.dynamic_batch:
+        if self.batched:
             return self._invoke(self._interpreter_for(len(images)), fill_all)
 
         def fill_one(image: Image) -> Callable[[npt.NDArray[np.generic]], None]:
@@ -283,16 +309,18 @@ class Engine:
 
     def probabilities(self, raw: npt.NDArray[np.generic]) -> postprocess.Scores:
         """Class probabilities in [0, 1] from raw output; rows with NaN or infinity stay
-        non-finite so the caller can drop them."""
-        result = postprocess.scores(raw, self.output_spec)
-        if result.softmaxed and not self._said_logits:
-            self._said_logits = True
+        non-finite so the caller can drop them. Once an output strays outside 0..1 the model
+        is taken to give logits, from then on."""
+        if not self._logits and postprocess.looks_like_logits(
+            postprocess.dequantize(raw, self.output_spec.quantization)
+        ):
+            self._logits = True
             log.warning(
                 "%s: the model's output is not probabilities (values outside 0..1): applying "
-                'softmax; set "kind": "logits" in its manifest to say so',
+                'softmax from now on; set "kind": "logits" in its manifest to say so',
                 self.name,
             )
-        return result.values
+        return postprocess.scores(raw, self.output_spec, logits=self._logits)
 
     def scores(self, batch: npt.NDArray[np.generic]) -> postprocess.Scores:
         """Class probabilities for a preprocessed batch."""

@@ -25,6 +25,11 @@ from edge_daemon.stats import InferenceStats
 
 log = logging.getLogger(__name__)
 
+
+class ReloadError(EdgeDaemonError):
+    """The model failed at run time and could not be loaded again (exit 1: systemd restarts)."""
+
+
 #: Batches that fail one after another before the model is loaded again.
 MAX_CONSECUTIVE_FAILURES = 3
 
@@ -68,6 +73,7 @@ class InferenceStage:
     def request_stop(self) -> None:
         """Ask the loop to finish the batch in flight and end."""
         self._stop.set()
+        self.batcher.notify()  # a wait for more crops ends now
 
     def set_threshold(self, value: float) -> None:
         """Change the score threshold (from the control topic)."""
@@ -142,7 +148,9 @@ class InferenceStage:
             self.engine = self._reload()
         except EdgeDaemonError as exc:
             log.error("cannot reload the model: %s; stopping so systemd restarts us", exc)  # noqa: TRY400
-            self.fatal = exc
+            # Exit 1, not the model error's 78: the model loaded at start, so this is a fault
+            # (a Coral that reset, a file being replaced) that a restart may well cure.
+            self.fatal = ReloadError(f"the model failed and could not be reloaded: {exc}")
             self._stop.set()
             return
         self.reloads += 1

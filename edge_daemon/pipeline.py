@@ -25,7 +25,7 @@ from edge_daemon.prediction import EncodeError, Prediction, encode
 from edge_daemon.publisher import Publisher
 from edge_daemon.settings import Settings, sample_camera
 from edge_daemon.sources import Opener, open_source, redact, require_backends
-from edge_daemon.stats import InferenceStats, stats_payload
+from edge_daemon.stats import InferenceStats, stats_payload, status_line
 from edge_daemon.systemd import Notifier
 
 log = logging.getLogger(__name__)
@@ -248,16 +248,8 @@ class Daemon:
     # --- status and statistics -------------------------------------------------------------
 
     def status_line(self) -> str:
-        """A one-line status: frames per second, labels, broker state (for systemd)."""
-        uptime = max(time.monotonic() - self._started, 1e-3)
-        fps = sum(c.frames_read for c in self.cameras) / uptime
-        online = sum(c.online for c in self.cameras)
-        broker = "connected" if self.publisher.connected else "disconnected"
-        return (
-            f"{fps:.1f} frames/s from {online}/{len(self.cameras)} cameras, "
-            f"{self.stats.items} labels, broker {broker}, queue {self.publisher.queued}, "
-            f"dropped {self.publisher.dropped}"
-        )
+        """A one-line status for systemd."""
+        return status_line(self._started, self.cameras, self.stats, self.publisher)
 
     def stats_payload(self) -> dict[str, Any]:
         """The ``stats`` message."""

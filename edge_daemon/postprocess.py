@@ -41,39 +41,35 @@ def softmax(logits: Scores) -> Scores:
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class Probabilities:
-    """A batch's class probabilities, and whether any row had to be softmaxed."""
-
-    values: Scores
-    #: True when a model that claims probabilities gave a row outside 0..1 (logits).
-    softmaxed: bool
+#: How far outside 0..1 a value may stray (float rounding) and still be a probability.
+LOGIT_TOLERANCE = 1e-3
 
 
-def scores(raw: npt.NDArray[np.generic], spec: OutputSpec) -> Probabilities:
+def looks_like_logits(values: Scores) -> bool:
+    """True when finite values stray outside 0..1: the model gives logits, whatever it says."""
+    finite = values[finite_rows(values)]
+    return bool(((finite < -LOGIT_TOLERANCE) | (finite > 1.0 + LOGIT_TOLERANCE)).any())
+
+
+def scores(raw: npt.NDArray[np.generic], spec: OutputSpec, logits: bool | None = None) -> Scores:
     """Class probabilities in [0, 1], shape ``(batch, classes)``, from the raw output tensor.
 
-    Rows of a model declared as emitting probabilities that hold values outside 0..1 are
-    logits in fact, and get a softmax too: a published score is a probability, always. A row
-    with NaN or infinity stays non-finite (see :func:`finite_rows`); it is not guessed at.
+    ``logits`` (default: the spec's ``kind``) says the model gives logits, which get a softmax;
+    decide it per model, not per row (see :func:`looks_like_logits`), or a row of logits that
+    happens to fall inside 0..1 would pass for probabilities. A row with NaN or infinity stays
+    non-finite (see :func:`finite_rows`): it is not guessed at.
     """
     # A copy: the rows are rewritten in place below, never the caller's array.
     values = np.array(dequantize(raw, spec.quantization), dtype=np.float32).reshape(
         raw.shape[0], -1
     )
     finite = finite_rows(values)
-    softmaxed = False
-    if spec.kind == "logits":
-        logits = finite
-    else:
-        outside = np.asarray(((values < 0.0) | (values > 1.0)).any(axis=1), dtype=np.bool_)
-        logits = finite & outside
-        softmaxed = bool(logits.any())
-    if logits.any():
-        values[logits] = softmax(values[logits])
-    if finite.any():
-        values[finite] = np.clip(values[finite], 0.0, 1.0)
-    return Probabilities(values, softmaxed)
+    if not finite.any():
+        return values
+    if spec.kind == "logits" if logits is None else logits:
+        values[finite] = softmax(values[finite])
+    values[finite] = np.clip(values[finite], 0.0, 1.0)
+    return values
 
 
 def finite_rows(values: Scores) -> npt.NDArray[np.bool_]:

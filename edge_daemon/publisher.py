@@ -7,19 +7,14 @@ dropped and counted: live labels want the newest. The retained ``status`` is ``o
 connected, with a retained ``offline`` last will, and ``offline`` is published before a clean
 disconnect (the broker sends the will only on an unclean one).
 
-Nothing slow runs on paho's network thread: when a connection fails, a diagnosis thread finds
-out why (unreachable, TLS trouble, a TLS port spoken to in plain MQTT) and says it once per
-reason. A broker that refuses us says so once per reason too, and a broker that keeps closing
-a connection it had accepted is taken for what it nearly always is: another client with the
-same client id.
+What went wrong with the connection is said by :mod:`edge_daemon.connection`, once per
+reason and never from paho's network thread.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -30,8 +25,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_daemon.backoff import Backoff
+from edge_daemon.connection import ConnectionWatch, tls_context
 from edge_daemon.control import Inbox
-from edge_daemon.errors import ConfigError
 from edge_daemon.settings import Settings
 from edge_daemon.stage import StageThread
 
@@ -39,12 +34,6 @@ log = logging.getLogger(__name__)
 
 #: QoS 1/2 messages handed to paho and not yet acknowledged, at most.
 INFLIGHT_WINDOW = 100
-#: A connection the broker closes within this many seconds of accepting it counts as short.
-SHORT_SESSION_S = 10.0
-#: Short sessions in a row after which another client with our id is the likely cause.
-TAKEOVERS_TO_WARN = 2
-#: MQTT 5 reason code "Session taken over".
-SESSION_TAKEN_OVER = 142
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,72 +46,17 @@ class Message:
     retain: bool
 
 
-def tls_context(settings: Settings) -> ssl.SSLContext:
-    """The TLS context for the broker: verify its certificate and name unless told not to."""
-    cfg = settings.mqtt
-    try:
-        context = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
-        if cfg.cert_file and cfg.key_file:
-            context.load_cert_chain(str(cfg.cert_file), str(cfg.key_file))
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(
-            f"EDGE_MQTT__CA_FILE / CERT_FILE / KEY_FILE: cannot load the TLS files "
-            f"({type(exc).__name__}: {getattr(exc, 'reason', None) or exc.strerror or exc})"
-        ) from exc
-    if cfg.tls_insecure:
-        context.check_hostname = False
-    return context
-
-
-def speaks_tls(host: str, port: int, timeout: float = 5.0) -> bool:
-    """True when ``host:port`` completes a TLS handshake (certificate not checked)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    try:
-        with (
-            socket.create_connection((host, port), timeout=timeout) as sock,
-            context.wrap_socket(sock, server_hostname=host),
-        ):
-            return True
-    except (OSError, ValueError):
-        return False
-
-
-def diagnose(host: str, port: int, context: ssl.SSLContext | None, timeout: float = 5.0) -> str:
-    """Why a connection to the broker fails: unreachable, TLS trouble, or a TLS port that was
-    spoken to without TLS. Blocks for up to a few ``timeout``s: never call it on paho's thread."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            if context is None:
-                if speaks_tls(host, port, timeout):
-                    return (
-                        f"port {port} expects TLS: set EDGE_MQTT__TLS=true (and "
-                        "EDGE_MQTT__CA_FILE if the broker's certificate is not signed by a "
-                        "public CA), or use the broker's plain port"
-                    )
-                return "the broker closed the connection before answering"
-            with context.wrap_socket(sock, server_hostname=host):
-                return "the broker closed the connection after the TLS handshake"
-    except ssl.SSLCertVerificationError as exc:
-        return (
-            f"TLS: the broker's certificate is not trusted ({exc.verify_message}): check "
-            "EDGE_MQTT__CA_FILE and that the certificate names EDGE_MQTT__HOST"
-        )
-    except ssl.SSLError as exc:
-        return f"TLS: handshake failed ({exc.reason or exc}): check the broker's TLS listener"
-    except OSError as exc:
-        return f"{exc.strerror or exc} (is the broker running? check EDGE_MQTT__HOST and PORT)"
-
-
-def close_client(client: mqtt.Client) -> None:
+def close_client(client: mqtt.Client, clean: bool = True) -> None:
     """Disconnect a paho client, stop its network thread and close all of its sockets.
 
-    paho closes the socket pair that wakes its loop only when the client is garbage-collected
-    (eclipse-paho/paho.mqtt.python#627); a client held in a reference cycle by its callbacks
-    keeps those two descriptors until the cycle collector runs, so close them here.
+    ``clean=False`` drops the connection without a DISCONNECT, so the broker publishes the
+    client's last will. paho closes the socket pair that wakes its loop only when the client is
+    garbage-collected (eclipse-paho/paho.mqtt.python#627); a client held in a reference cycle
+    by its callbacks keeps those two descriptors until the cycle collector runs, so close them
+    here.
     """
-    client.disconnect()
+    if clean:
+        client.disconnect()
     client.loop_stop()
     reset = getattr(client, "_reset_sockets", None)
     if callable(reset):
@@ -146,9 +80,9 @@ class Publisher:
         if mqtt_cfg.username:
             password = mqtt_cfg.password.get_secret_value() if mqtt_cfg.password else None
             self._client.username_pw_set(mqtt_cfg.username, password)
-        self._tls_context = tls_context(settings) if mqtt_cfg.use_tls else None
-        if self._tls_context is not None:
-            self._client.tls_set_context(self._tls_context)
+        context = tls_context(settings) if mqtt_cfg.use_tls else None
+        if context is not None:
+            self._client.tls_set_context(context)
             if mqtt_cfg.tls_insecure:
                 log.warning(
                     "EDGE_MQTT__TLS_INSECURE is set: the broker's certificate is not "
@@ -156,7 +90,8 @@ class Publisher:
                     "traffic",
                     mqtt_cfg.host,
                 )
-        self._last_failure = ""
+        #: Says what goes wrong with the connection, once per reason, off paho's thread.
+        self.watcher = ConnectionWatch(settings, context)
         self._client.will_set(self.topic("status"), b"offline", qos=1, retain=True)
         # paho doubles its reconnect delay without jitter; we pick each delay ourselves
         # (jittered, doubling up to the maximum) and give paho exactly that one.
@@ -183,19 +118,9 @@ class Publisher:
         self._retained: dict[str, Message] = {}
         self._stop = threading.Event()
         self._sender: StageThread | None = None
-        self._diagnoser: StageThread | None = None
-        self._diagnose_now = threading.Event()
-        #: When the broker last accepted us (monotonic), and short sessions in a row since.
-        self._connected_at = 0.0
-        self._short_sessions = 0
-        self._said_takeover = False
         self._started = False
         self.sent = 0
         self.dropped = 0
-        self.connects = 0
-        #: CONNACKs that refused us (a wrong password: one each retry).
-        self.refusals = 0
-        self.last_refusal: str | None = None
 
     # --- topics ----------------------------------------------------------------------------
 
@@ -231,23 +156,29 @@ class Publisher:
         self._started = True
         self._sender = StageThread("mqtt-sender", self._send_loop)
         self._sender.start()
-        self._diagnoser = StageThread("mqtt-diagnosis", self._diagnose_loop)
-        self._diagnoser.start()
+        self.watcher.start()
 
     def deaths(self) -> list[tuple[str, str | None]]:
         """For the supervisor: each of our threads, and why it ended if it ended too soon."""
         if not self._started or self._stop.is_set():
             return []
         paho = getattr(self._client, "_thread", None)
-        threads = [t for t in (self._sender, self._diagnoser) if t is not None]
+        threads = [t for t in (self._sender, self.watcher.thread) if t is not None]
         return [(t.name, t.death()) for t in threads] + [
             ("mqtt-network", None if paho is not None and paho.is_alive() else "paho's loop ended")
         ]
 
     def stop(self, flush_timeout: float = 3.0) -> None:
-        """Publish ``offline``, flush what is queued up to ``flush_timeout``, disconnect."""
+        """Publish ``offline`` (first, before anything still queued), flush what is queued up
+        to ``flush_timeout``, disconnect; within about ``flush_timeout`` + 1 s whatever paho is
+        doing. Unless everything was confirmed, the connection is dropped without a DISCONNECT,
+        so the broker publishes the retained ``offline`` will in any case."""
         deadline = time.monotonic() + flush_timeout
-        self.publish_retained(self.topic("status"), b"offline")
+        offline = Message(self.topic("status"), b"offline", 1, True)
+        with self._cond:
+            self._retained[offline.topic] = offline
+            self._queue.appendleft(offline)
+            self._cond.notify_all()
         with self._cond:
             while (self._queue or self._pending) and self._connected:
                 remaining = deadline - time.monotonic()
@@ -258,17 +189,35 @@ class Publisher:
         if left:
             log.warning("stopping with %d message(s) not delivered to the broker", left)
         self._stop.set()
-        self._diagnose_now.set()
+        self.watcher.stop()
         with self._cond:
             self._cond.notify_all()
         if self._sender is not None:
             self._sender.join(0.5)
-        if self._sender is not None and self._sender.is_alive():
-            # Still inside paho: leave its socket pair to the garbage collector.
-            self._client.disconnect()
-            self._client.loop_stop()
-        else:
-            close_client(self._client)
+        # paho's thread may be inside a connect attempt (seconds, for a broker that does not
+        # answer): close from a thread of its own, waited for only so long.
+        closer = threading.Thread(
+            target=close_client, args=(self._client, not left), name="mqtt-close", daemon=True
+        )
+        closer.start()
+        closer.join(max(0.5, deadline + 1.0 - time.monotonic()))
+        if closer.is_alive():
+            log.debug("paho's network thread did not stop in time; not waiting for it")
+
+    @property
+    def connects(self) -> int:
+        """Times the broker accepted us."""
+        return self.watcher.connects
+
+    @property
+    def refusals(self) -> int:
+        """CONNACKs that refused us (a wrong password: one each retry)."""
+        return self.watcher.refusals
+
+    @property
+    def last_refusal(self) -> str | None:
+        """Why the broker last refused us, until it accepts us again."""
+        return self.watcher.last_refusal
 
     @property
     def connected(self) -> bool:
@@ -311,51 +260,18 @@ class Publisher:
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         del client, userdata
         self._next_reconnect_delay()
-        # paho does not say why; the diagnosis thread finds out.
-        self._diagnose_now.set()
-
-    def _diagnose_loop(self) -> None:
-        """Diagnose failed connections, off paho's thread; say each new reason once."""
-        cfg = self.settings.mqtt
-        while not self._stop.is_set():
-            self._diagnose_now.wait()
-            self._diagnose_now.clear()
-            if self._stop.is_set():
-                return
-            why = diagnose(cfg.host, cfg.port, self._tls_context)
-            if why == self._last_failure or self._connected:
-                log.debug("cannot connect to broker %s:%d: %s", cfg.host, cfg.port, why)
-                continue
-            self._last_failure = why
-            level = logging.ERROR if why.startswith(("TLS", "port")) else logging.WARNING
-            log.log(level, "cannot connect to broker %s:%d: %s; retrying", cfg.host, cfg.port, why)
+        self.watcher.connect_failed()
 
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
     ) -> None:
         del client, userdata, flags, properties
-        cfg = self.settings.mqtt
         if reason_code.is_failure:
             self._next_reconnect_delay()
-            # Said once per reason: a retry loop must not fill the journal with one line.
-            level = logging.ERROR if str(reason_code) != self.last_refusal else logging.DEBUG
-            self.refusals += 1
-            self.last_refusal = str(reason_code)
-            log.log(
-                level,
-                "broker %s:%d refused the connection: %s (check EDGE_MQTT__USERNAME, "
-                "EDGE_MQTT__PASSWORD and the broker's access rules); retrying",
-                cfg.host,
-                cfg.port,
-                reason_code,
-            )
+            self.watcher.refused(reason_code)
             return
-        self.connects += 1
-        self.last_refusal = None
-        self._last_failure = ""
-        self._connected_at = time.monotonic()
+        self.watcher.accepted()
         self._backoff.reset()
-        log.info("connected to broker %s:%d as %s", cfg.host, cfg.port, self.settings.client_id)
         with self._cond:
             # State first: the broker must see ``online`` and camera states before labels.
             self._connected = True
@@ -372,7 +288,7 @@ class Publisher:
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
     ) -> None:
-        del client, userdata, flags, properties
+        del client, userdata, properties
         with self._cond:
             was = self._connected
             self._connected = False
@@ -381,30 +297,9 @@ class Publisher:
             self._pending = {mid: qos for mid, qos in self._pending.items() if qos > 0}
             self._cond.notify_all()
         self._next_reconnect_delay()
-        if self._stop.is_set():
-            return
-        if not was:
-            # Closed before the broker answered our CONNECT: e.g. a TLS port spoken to in
-            # plain MQTT. The diagnosis thread finds out which.
-            self._diagnose_now.set()
-            return
-        code = getattr(reason_code, "value", None)
-        short = time.monotonic() - self._connected_at < SHORT_SESSION_S
-        self._short_sessions = self._short_sessions + 1 if short else 0
-        if code == SESSION_TAKEN_OVER or self._short_sessions >= TAKEOVERS_TO_WARN:
-            if not self._said_takeover:
-                self._said_takeover = True
-                log.error(
-                    "the broker closed our connection %s: another client is connected with "
-                    "client id %r (two daemons with the same EDGE_DEVICE_ID?); give each its "
-                    "own EDGE_DEVICE_ID or EDGE_MQTT__CLIENT_ID",
-                    "(session taken over)"
-                    if code == SESSION_TAKEN_OVER
-                    else f"{self._short_sessions} times in a row soon after accepting it",
-                    self.settings.client_id,
-                )
-            return
-        log.warning("lost the broker connection (%s); reconnecting", reason_code)
+        if not self._stop.is_set():
+            from_server = bool(getattr(flags, "is_disconnect_packet_from_server", False))
+            self.watcher.lost(was, reason_code, from_server)
 
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any
@@ -436,12 +331,16 @@ class Publisher:
             info = self._client.publish(
                 message.topic, message.payload, qos=message.qos, retain=message.retain
             )
-            if info.rc == mqtt.MQTT_ERR_NO_CONN:
+            if info.rc == mqtt.MQTT_ERR_NO_CONN and message.qos == 0:
+                # The connection broke and paho's on_disconnect has not run yet: keep it for
+                # the next connection, and let on_disconnect say we are offline.
                 with self._cond:
                     self._queue.appendleft(message)
-                    self._connected = False
+                    self._cond.wait(0.05)
                 continue
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            # At QoS 1 and 2 paho keeps a message it could not send and sends it once
+            # connected again (NO_CONN included): it is handed over, like a sent one.
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 log.warning(
                     "could not publish to %s: %s", message.topic, mqtt.error_string(info.rc)
                 )

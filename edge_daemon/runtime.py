@@ -145,27 +145,16 @@ def _probe_load(model_path: Path, runtime: Runtime) -> None:
         )
 
 
-def make_interpreter(
-    model_path: Path,
-    *,
-    runtime: Runtime,
-    num_threads: int | None = None,
-    delegates: list[Any] | None = None,
-    verify: bool = True,
-) -> Any:
-    """Create an interpreter for ``model_path`` with tensors allocated.
-
-    ``verify`` loads the file in a child process first (a fraction of a second) so a corrupt
-    file cannot crash this process; the converter, which has just written the file, skips it.
-    """
+def read_model(model_path: Path) -> bytes:
+    """The bytes of a ``.tflite`` file, checked: it exists, is TFLite, and its FlatBuffer's
+    offsets stay inside the file (a truncated file must not crash the runtime)."""
     if not model_path.is_file():
         raise ModelError(
             f"model file {model_path} does not exist: set EDGE_MODEL__PATH to a "
             ".tflite file, or run 'make model' to build the bundled one"
         )
     try:
-        with model_path.open("rb") as handle:
-            data = handle.read(_CHECK_LIMIT)
+        data = model_path.read_bytes()
     except OSError as exc:
         raise ModelError(f"cannot read model file {model_path}: {exc.strerror}") from exc
     if data[4:8] != b"TFL3":
@@ -181,11 +170,33 @@ def make_interpreter(
                 f"{model_path} is truncated or corrupt ({exc}): copy it again or re-convert it "
                 "with 'edge-convert quantize'"
             ) from exc
+    return data
+
+
+def make_interpreter(
+    model_path: Path,
+    *,
+    runtime: Runtime,
+    content: bytes | None = None,
+    num_threads: int | None = None,
+    delegates: list[Any] | None = None,
+    verify: bool = True,
+) -> Any:
+    """Create an interpreter for ``model_path`` with tensors allocated.
+
+    ``content`` is the file's bytes as :func:`read_model` gave them (read here when not given):
+    an engine that makes more interpreters later makes them from the same bytes, never from a
+    file that may have been replaced meanwhile. ``verify`` loads the file in a child process
+    first (a fraction of a second) so a corrupt file cannot crash this process; the converter,
+    which has just written the file, skips it. The caller keeps ``content`` alive for as long
+    as the interpreter: the runtime does not copy it.
+    """
+    data = read_model(model_path) if content is None else content
     if verify and not delegates:
         _probe_load(model_path, runtime)
     try:
         interpreter = runtime.interpreter_class(
-            model_path=str(model_path),
+            model_content=data,
             num_threads=num_threads,
             experimental_delegates=delegates or None,
         )

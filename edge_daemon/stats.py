@@ -94,3 +94,18 @@ def stats_payload(
     if control is not None:
         payload["control"] = dict(control)
     return payload
+
+
+def status_line(
+    started: float, cameras: Sequence[Camera], inference: InferenceStats, publisher: Publisher
+) -> str:
+    """A one-line status: frames per second, labels, broker state (systemd's ``STATUS=``)."""
+    uptime = max(time.monotonic() - started, 1e-3)
+    fps = sum(c.frames_read for c in cameras) / uptime
+    online = sum(c.online for c in cameras)
+    broker = "connected" if publisher.connected else "disconnected"
+    return (
+        f"{fps:.1f} frames/s from {online}/{len(cameras)} cameras, "
+        f"{inference.items} labels, broker {broker}, queue {publisher.queued}, "
+        f"dropped {publisher.dropped}"
+    )

@@ -207,3 +207,26 @@ def test_every_truncation_is_refused_before_a_runtime_reads_it(zoo: Zoo, tmp_pat
         cut.write_bytes(data[:size])
         with pytest.raises(ModelError, match="is truncated or corrupt"):
             Engine.from_path(cut)
+
+
+def test_new_batch_sizes_use_the_bytes_loaded_not_a_replaced_file(zoo: Zoo, tmp_path: Path) -> None:
+    model = tmp_path / "small.tflite"
+    shutil.copy(zoo.model("int8"), model)
+    shutil.copy(zoo.model("int8").with_suffix(".json"), model.with_suffix(".json"))
+    engine = Engine.from_path(model)
+    images = list(zoo.heldout_images[:3])
+    single = np.concatenate([engine.classify(images[i : i + 1]) for i in range(3)])
+    model.write_bytes(b"\0" * 64)  # half-copied, or another model: not what was loaded
+    np.testing.assert_allclose(engine.classify(images), single, atol=1e-6)
+
+
+def test_a_manifest_that_says_dynamic_batch_for_a_fixed_model_is_refused(
+    zoo: Zoo, tmp_path: Path
+) -> None:
+    model = tmp_path / "tpu.tflite"
+    shutil.copy(zoo.model("edgetpu"), model)
+    manifest = json.loads(zoo.model("edgetpu").with_suffix(".json").read_text())
+    manifest["input"]["dynamic_batch"] = True
+    model.with_suffix(".json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="batch is dynamic"):
+        Engine.from_path(model)

@@ -344,7 +344,28 @@ def test_a_refused_login_is_logged_once_per_reason(
     with running(daemon):
         assert wait_until(lambda: daemon.publisher.refusals >= 4, timeout=20)
     assert len(errors(caplog, "refused the connection")) == 1
+    # The refusal explains the closed connection: no guess beside it.
+    assert not errors(caplog, "cannot connect to broker")
     assert SECRET not in caplog.text
+
+
+def test_broker_restarts_are_not_taken_for_another_client(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    with start_mosquitto() as broker:
+        mqtt = {"port": broker.port, "reconnect_min_s": 0.2, "reconnect_max_s": 0.5}
+        daemon = Daemon(settings_for(unique_prefix(), mqtt=mqtt))
+        with running(daemon):
+            for _ in range(3):
+                assert wait_until(lambda: daemon.publisher.connected, timeout=15)
+                time.sleep(1.0)
+                broker.kill()
+                time.sleep(1.0)  # down for a second, as a restart is
+                broker.relaunch()
+            assert wait_until(lambda: daemon.publisher.connects >= 4, timeout=15)
+    assert not errors(caplog, "another client")
+    assert errors(caplog, "lost the broker connection")
 
 
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])

@@ -7,6 +7,7 @@ the publisher's threads: the daemon reported healthy, published nothing and exit
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,10 @@ import pytest
 
 from edge_daemon import engine as engine_module
 from edge_daemon import preprocess
+from edge_daemon.errors import DelegateError
+from edge_daemon.inference import ReloadError
 from edge_daemon.pipeline import Daemon, StageError
+from edge_daemon.settings import CameraSettings, sample_camera
 from tests.helpers import running, settings_for, subscriber, unique_prefix, wait_until
 
 pytestmark = pytest.mark.runtime
@@ -91,3 +95,44 @@ def test_a_failing_preprocess_drops_the_batch_not_the_thread(
             assert sub.wait_for(lambda: len(sub.labels()) >= 15, timeout=30)
             assert daemon.stats.errors >= 3
     assert daemon.fatal is None
+
+
+def test_a_model_that_cannot_be_reloaded_exits_1_for_a_restart() -> None:
+    """Exit 78 would tell systemd never to restart: wrong for a Coral that reset mid-run."""
+    daemon = Daemon(settings_for(unique_prefix()))
+
+    def fails(images: Any) -> Any:
+        raise RuntimeError("injected: the delegate went away")
+
+    def cannot_reload() -> Any:
+        raise DelegateError("injected: cannot load the Edge TPU delegate")
+
+    daemon.engine.infer = fails  # type: ignore[method-assign]
+    daemon.inference._reload = cannot_reload
+    with running(daemon):
+        assert wait_until(lambda: daemon.fatal is not None, timeout=20)
+    assert isinstance(daemon.fatal, ReloadError)
+    assert daemon.fatal.exit_code == 1
+    assert "Edge TPU" in str(daemon.fatal)
+
+
+def test_stop_does_not_wait_for_a_long_batch_delay() -> None:
+    """With EDGE_INFERENCE__MAX_DELAY_MS=10000 the inference thread waits for more crops; a
+    stop must end that wait, not outlast the 1 s it is given."""
+    settings = settings_for(
+        unique_prefix(),
+        inference={"max_delay_ms": 10_000, "max_batch": 8},
+        cameras={
+            "sample": sample_camera()["sample"],
+            "never": CameraSettings(source="/nonexistent/never.mp4"),
+        },
+    )
+    daemon = Daemon(settings)
+    daemon.start()
+    assert wait_until(lambda: daemon.cameras[0].online)
+    time.sleep(0.5)  # a batch is now waiting for the camera that never delivers
+    started = time.monotonic()
+    daemon.stop()
+    took = time.monotonic() - started
+    assert not daemon.inference.thread.is_alive()
+    assert took < 4.0, f"stop took {took:.1f} s"

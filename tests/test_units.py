@@ -16,7 +16,14 @@ from edge_daemon.batcher import WHOLE_FRAME, Batcher
 from edge_daemon.capture import Camera, Frame
 from edge_daemon.control import Inbox
 from edge_daemon.manifest import InputSpec, OutputSpec, Quantization
-from edge_daemon.postprocess import Class, finite_rows, scores, softmax, top_k
+from edge_daemon.postprocess import (
+    Class,
+    finite_rows,
+    looks_like_logits,
+    scores,
+    softmax,
+    top_k,
+)
 from edge_daemon.prediction import EncodeError, Prediction, encode
 from edge_daemon.preprocess import pixel_table, preprocess_into
 from edge_daemon.settings import CameraSettings, Roi
@@ -141,18 +148,23 @@ def test_scores_dequantise_softmax_logits_and_leave_non_finite_rows_to_the_calle
     raw = np.array(
         [[0.1, 0.7, 0.2], [2.0, -1.0, 0.5], [np.inf, 0.0, 0.0], [np.nan, 0.1, 0.2]], np.float32
     )
-    result = scores(raw, probs)
-    assert result.softmaxed  # row 1 is logits in a model that claims probabilities
-    np.testing.assert_allclose(result.values[0], [0.1, 0.7, 0.2])
-    np.testing.assert_allclose(result.values[1], softmax(raw[1:2])[0], rtol=1e-6)
-    assert list(finite_rows(result.values)) == [True, True, False, False]
+    assert looks_like_logits(raw)  # row 1, in a model that claims probabilities
+    as_logits = scores(raw, probs, logits=True)
+    np.testing.assert_allclose(as_logits[0], softmax(raw[0:1])[0], rtol=1e-6)  # every row
+    np.testing.assert_allclose(as_logits[1], softmax(raw[1:2])[0], rtol=1e-6)
+    assert list(finite_rows(as_logits)) == [True, True, False, False]
     assert raw[1, 0] == 2.0  # the caller's array is untouched
+    as_given = scores(raw[:1], probs)
+    np.testing.assert_allclose(as_given, [[0.1, 0.7, 0.2]])
+    # Float rounding just past 1 is still a probability: clipped, not softmaxed.
+    rounded = np.array([[1.0000001, 0.0, -1e-7]], np.float32)
+    assert not looks_like_logits(rounded)
+    np.testing.assert_allclose(scores(rounded, probs), [[1.0, 0.0, 0.0]])
     quantised = OutputSpec(
         classes=2, dtype="uint8", quantization=Quantization(scale=1 / 256, zero_point=0)
     )
     out = scores(np.array([[64, 192]], np.uint8), quantised)
-    np.testing.assert_allclose(out.values, [[0.25, 0.75]])
-    assert not out.softmaxed
+    np.testing.assert_allclose(out, [[0.25, 0.75]])
 
 
 def test_softmax_is_stable_for_huge_logits() -> None:

@@ -1,0 +1,49 @@
+"""Stopping on SIGTERM and SIGINT without taking a lock in the signal handler."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+log = logging.getLogger("edge_daemon")
+
+
+def stop_on_signals(stop: threading.Event) -> Callable[[], None]:
+    """SIGTERM and SIGINT set ``stop``; returns what undoes this.
+
+    The handler itself takes no lock. A Python signal handler runs in the main thread between
+    two of its bytecodes, which may be inside ``stop.wait()`` holding the event's lock (or
+    inside ``threading`` holding one of its own): setting the event there deadlocked, and 1
+    stop in 30 never ended. The signal's number goes down the wakeup file descriptor instead
+    (written by the interpreter's C handler), and a thread of ours reads it and sets ``stop``.
+    """
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        del signum, frame  # the wakeup descriptor carries the signal
+
+    def watch() -> None:
+        while data := reader.recv(64):
+            for signum in data:
+                if signum in (signal.SIGTERM, signal.SIGINT) and not stop.is_set():
+                    log.info("received %s, stopping", signal.Signals(signum).name)
+                    stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    watcher = threading.Thread(target=watch, name="signals", daemon=True)
+    watcher.start()
+
+    def undo() -> None:
+        signal.set_wakeup_fd(previous)
+        writer.close()  # the watcher reads the end and returns
+        watcher.join(1.0)
+        reader.close()
+
+    return undo
