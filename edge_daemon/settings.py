@@ -19,12 +19,9 @@ import re
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
     Field,
     SecretStr,
     field_validator,
@@ -38,80 +35,25 @@ from pydantic_settings import (
 )
 
 from edge_daemon.errors import ConfigError
+from edge_daemon.fields import (
+    MAX_PIXELS,
+    MAX_TEXT,
+    MQTT_MAX_BYTES,
+    NAME_PATTERN,
+    FilePath,
+    Group,
+    check_mqtt_string,
+    check_names,
+)
 
 ENV_PREFIX = "EDGE_"
 DELIMITER = "__"
 PACKAGE_DIR = Path(__file__).resolve().parent
 BUNDLED_MODEL = PACKAGE_DIR / "models" / "digits.tflite"
 SAMPLE_CLIP = PACKAGE_DIR / "samples" / "digits.mp4"
-NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
-#: Longest path or other free text a setting takes (Linux's PATH_MAX).
-MAX_TEXT = 4096
-#: Largest ROI coordinate, in pixels: far beyond any frame, far below float overflow in round().
-MAX_PIXELS = 100_000
-#: MQTT encodes a user name or password with a 16-bit length.
-MQTT_MAX_BYTES = 65_535
-_T = TypeVar("_T")
 
 
-def _check_names(value: dict[str, _T], kind: str) -> dict[str, _T]:
-    """Camera and ROI names end up in topics: letters, digits, '-' and '_' only."""
-    for name in value:
-        if not re.fullmatch(NAME_PATTERN, name):
-            raise ValueError(f"{kind} name {name[:64]!r} must be letters, digits, '-' or '_'")
-    return value
-
-
-def _text(value: Any) -> Any:
-    """Refuse blank text, control characters and undecodable bytes (surrogates): they would
-    break a path, topic, URL or paho's UTF-8 encoding later, in some thread."""
-    if isinstance(value, str):
-        if not value.strip():
-            raise ValueError("is empty: give a value, or leave the variable out")
-        if not value.isprintable():
-            raise ValueError("has control characters or bytes that are not UTF-8")
-    return value
-
-
-def _path(value: Any) -> Any:
-    if isinstance(value, str) and len(value) > MAX_TEXT:
-        raise ValueError(f"is longer than {MAX_TEXT} characters")
-    return _text(value)
-
-
-FilePath = Annotated[Path, BeforeValidator(_path)]
-
-
-def _mqtt_string(text: str) -> str:
-    """A user name or password: MQTT sends it with a 16-bit length (paho fails otherwise)."""
-    if len(_text(text).encode()) > MQTT_MAX_BYTES:
-        raise ValueError(f"is longer than the {MQTT_MAX_BYTES} bytes MQTT allows")
-    return text
-
-
-class _Group(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False
-    )
-    #: Whether a path setting must name an existing file now, or is checked when used.
-    _paths_must_exist: ClassVar[bool] = True
-
-    @field_validator("*")
-    @classmethod
-    def _usable(cls, value: Any) -> Any:
-        if isinstance(value, Path):
-            try:  # stat() raises for a too long name, which would end a thread later
-                problem = "is a directory: give the path of a file" if value.is_dir() else ""
-                if not problem and cls._paths_must_exist and not value.is_file():
-                    problem = "does not exist or is not a file"
-            except OSError as exc:
-                problem = f"cannot be used ({exc.strerror})"
-            if problem:
-                raise ValueError(problem)
-        return _text(value)
-
-
-class Roi(_Group):
+class Roi(Group):
     """A region of interest: ``x, y, width, height`` in pixels, or in fractions of the frame
     when all four are at most 1 (``0.5,0.2,0.5,0.8`` is the right half, from 20% down)."""
 
@@ -155,7 +97,7 @@ class Roi(_Group):
         return x, y, max(1, min(w, frame_width - x)), max(1, min(h, frame_height - y))
 
 
-class CameraSettings(_Group):
+class CameraSettings(Group):
     """One video source."""
 
     source: str = Field(min_length=1, max_length=MAX_TEXT)
@@ -186,10 +128,10 @@ class CameraSettings(_Group):
     @field_validator("rois")
     @classmethod
     def _roi_names(cls, value: dict[str, Roi]) -> dict[str, Roi]:
-        return _check_names(value, "ROI")
+        return check_names(value, "ROI")
 
 
-class ModelSettings(_Group):
+class ModelSettings(Group):
     """The model and how to run it."""
 
     path: FilePath = BUNDLED_MODEL
@@ -218,10 +160,10 @@ class ModelSettings(_Group):
     """Model without a manifest: see scale (default: 0)."""
 
     # A missing model or labels file is reported when loaded, with how to make one.
-    _paths_must_exist: ClassVar[bool] = False
+    paths_must_exist: ClassVar[bool] = False
 
 
-class ControlSettings(_Group):
+class ControlSettings(Group):
     """The control topic ``<prefix>/cmd``: off unless enabled."""
 
     enabled: bool = False
@@ -231,7 +173,7 @@ class ControlSettings(_Group):
     """Larger command messages are rejected unread."""
 
 
-class HomeAssistantSettings(_Group):
+class HomeAssistantSettings(Group):
     """Home Assistant MQTT discovery: a sensor per camera region, without any YAML."""
 
     enabled: bool = False
@@ -242,7 +184,7 @@ class HomeAssistantSettings(_Group):
     <prefix>/status online (after a restart)."""
 
 
-class InferenceSettings(_Group):
+class InferenceSettings(Group):
     """Batching and what counts as a prediction."""
 
     max_batch: int = Field(default=8, ge=1, le=256)
@@ -255,7 +197,7 @@ class InferenceSettings(_Group):
     """Below this score the prediction's ``label`` is null."""
 
 
-class MqttSettings(_Group):
+class MqttSettings(Group):
     """The broker and how to talk to it."""
 
     host: str = Field(default="127.0.0.1", max_length=253)
@@ -315,7 +257,7 @@ class MqttSettings(_Group):
     @classmethod
     def _mqtt_strings(cls, value: str | SecretStr | None) -> str | SecretStr | None:
         if value is not None:
-            _mqtt_string(value.get_secret_value() if isinstance(value, SecretStr) else value)
+            check_mqtt_string(value.get_secret_value() if isinstance(value, SecretStr) else value)
         return value
 
     @model_validator(mode="after")
@@ -329,7 +271,7 @@ class MqttSettings(_Group):
         if self.password is None and self.password_file is not None:
             try:  # only the first line is used: read no more than it can be
                 with self.password_file.open(encoding="utf-8") as handle:
-                    first = _mqtt_string(handle.readline(MQTT_MAX_BYTES + 1).rstrip("\r\n"))
+                    first = check_mqtt_string(handle.readline(MQTT_MAX_BYTES + 1).rstrip("\r\n"))
             except (OSError, UnicodeDecodeError):
                 raise ValueError("EDGE_MQTT__PASSWORD_FILE: cannot be read as UTF-8") from None
             except ValueError as exc:
@@ -433,7 +375,7 @@ class Settings(BaseSettings):
     @field_validator("cameras")
     @classmethod
     def _camera_names(cls, value: dict[str, CameraSettings]) -> dict[str, CameraSettings]:
-        return _check_names(value, "camera")
+        return check_names(value, "camera")
 
     @property
     def topic_prefix(self) -> str:
