@@ -183,14 +183,14 @@ class ConnectionWatch:
         if taken and not self._said_takeover:
             self._said_takeover = True
             log.error(
-                "the broker closed our connection (%s)%s: another client is %s connected with "
+                "the broker closed our connection (%s)%s: another client is %sconnected with "
                 "client id %r (two daemons with the same EDGE_DEVICE_ID?); give each its own "
                 "EDGE_DEVICE_ID or EDGE_MQTT__CLIENT_ID",
                 reason_code,
                 ""
                 if code == SESSION_TAKEN_OVER
                 else f", {self._short_sessions} times in a row soon after accepting it",
-                "" if code == SESSION_TAKEN_OVER else "probably",
+                "" if code == SESSION_TAKEN_OVER else "probably ",
                 self.settings.client_id,
             )
             return

@@ -119,6 +119,8 @@ class Publisher:
         self._stop = threading.Event()
         self._sender: StageThread | None = None
         self._started = False
+        #: Set by stop(): from then on the status is ``offline``, whatever reconnects.
+        self._stopping = False
         self.sent = 0
         self.dropped = 0
 
@@ -176,8 +178,13 @@ class Publisher:
         deadline = time.monotonic() + flush_timeout
         offline = Message(self.topic("status"), b"offline", 1, True)
         with self._cond:
+            # An ``online`` still queued (a reconnect just now) must not follow it out, and
+            # a reconnect from here on sends ``offline`` (see _on_connect).
+            self._stopping = True
             self._retained[offline.topic] = offline
-            self._queue.appendleft(offline)
+            kept = [m for m in self._queue if m.topic != offline.topic]
+            self._queue.clear()
+            self._queue.extend([offline, *kept])
             self._cond.notify_all()
         with self._cond:
             while (self._queue or self._pending) and self._connected:
@@ -280,7 +287,8 @@ class Publisher:
             self._drain_until = time.monotonic() + 10.0 if self._pending else 0.0
             states = [m for t, m in self._retained.items() if t != self.topic("status")]
             self._queue.extendleft(reversed(states))
-            self._queue.appendleft(Message(self.topic("status"), b"online", 1, True))
+            status = b"offline" if self._stopping else b"online"
+            self._queue.appendleft(Message(self.topic("status"), status, 1, True))
             self._cond.notify_all()
         if self._watched:
             self._client.subscribe([(topic, 1) for topic in self._watched])

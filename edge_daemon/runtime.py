@@ -114,23 +114,27 @@ def load_edgetpu_delegate(
         ) from exc
 
 
-def _probe_load(model_path: Path, runtime: Runtime) -> None:
-    """Load the model once in a child process first.
+def _probe_load(model_path: Path, runtime: Runtime, content: bytes) -> None:
+    """Load the model (the very bytes this process will load) once in a child process first.
 
     tflite-runtime 2.14 crashes on some truncated files instead of raising; a crash in the
-    child becomes a clear error here, not a segmentation fault of the daemon.
+    child becomes a clear error here, not a segmentation fault of the daemon. The child has a
+    session of its own: a stop signalled to the daemon's process group (systemd, Ctrl-C) must
+    not kill it and so pass for a corrupt model.
     """
     code = (
         "import sys\n"
         f"from {_MODULES[runtime.name]} import Interpreter\n"
-        "Interpreter(model_path=sys.argv[1]).allocate_tensors()\n"
+        "Interpreter(model_content=sys.stdin.buffer.read()).allocate_tensors()\n"
     )
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", code, str(model_path)],
+            [sys.executable, "-c", code],
+            input=content,
             capture_output=True,
             check=False,
             timeout=120,
+            start_new_session=True,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         log.warning(
@@ -193,7 +197,7 @@ def make_interpreter(
     """
     data = read_model(model_path) if content is None else content
     if verify and not delegates:
-        _probe_load(model_path, runtime)
+        _probe_load(model_path, runtime, data)
     try:
         interpreter = runtime.interpreter_class(
             model_content=data,

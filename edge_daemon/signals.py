@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
 import socket
 import threading
@@ -20,13 +22,17 @@ def stop_on_signals(stop: threading.Event) -> Callable[[], None]:
     inside ``threading`` holding one of its own): setting the event there deadlocked, and 1
     stop in 30 never ended. The signal's number goes down the wakeup file descriptor instead
     (written by the interpreter's C handler), and a thread of ours reads it and sets ``stop``.
+    The handler writes the number too (``os.write`` takes no lock), in case something else
+    took the wakeup descriptor over since; the thread ignores the second copy.
     """
     reader, writer = socket.socketpair()
     writer.setblocking(False)
     previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        del signum, frame  # the wakeup descriptor carries the signal
+        del frame
+        with contextlib.suppress(OSError):  # full, or closed by undo(): nothing to add
+            os.write(writer.fileno(), bytes([signum]))
 
     def watch() -> None:
         while data := reader.recv(64):
@@ -35,12 +41,15 @@ def stop_on_signals(stop: threading.Event) -> Callable[[], None]:
                     log.info("received %s, stopping", signal.Signals(signum).name)
                     stop.set()
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    handlers = {
+        signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)
+    }
     watcher = threading.Thread(target=watch, name="signals", daemon=True)
     watcher.start()
 
     def undo() -> None:
+        for signum, old in handlers.items():
+            signal.signal(signum, old)
         signal.set_wakeup_fd(previous)
         writer.close()  # the watcher reads the end and returns
         watcher.join(1.0)
