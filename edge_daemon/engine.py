@@ -311,16 +311,15 @@ class Engine:
         """Class probabilities in [0, 1] from raw output; rows with NaN or infinity stay
         non-finite so the caller can drop them. Once an output strays outside 0..1 the model
         is taken to give logits, from then on."""
-        if not self._logits and postprocess.looks_like_logits(
-            postprocess.dequantize(raw, self.output_spec.quantization)
-        ):
+        values = postprocess.real_values(raw, self.output_spec)
+        if not self._logits and postprocess.looks_like_logits(values):
             self._logits = True
             log.warning(
                 "%s: the model's output is not probabilities (values outside 0..1): applying "
                 'softmax from now on; set "kind": "logits" in its manifest to say so',
                 self.name,
             )
-        return postprocess.scores(raw, self.output_spec, logits=self._logits)
+        return postprocess.to_probabilities(values, self._logits)
 
     def scores(self, batch: npt.NDArray[np.generic]) -> postprocess.Scores:
         """Class probabilities for a preprocessed batch."""

@@ -59,14 +59,23 @@ def scores(raw: npt.NDArray[np.generic], spec: OutputSpec, logits: bool | None =
     happens to fall inside 0..1 would pass for probabilities. A row with NaN or infinity stays
     non-finite (see :func:`finite_rows`): it is not guessed at.
     """
-    # A copy: the rows are rewritten in place below, never the caller's array.
-    values = np.array(dequantize(raw, spec.quantization), dtype=np.float32).reshape(
-        raw.shape[0], -1
+    return to_probabilities(
+        real_values(raw, spec), spec.kind == "logits" if logits is None else logits
     )
+
+
+def real_values(raw: npt.NDArray[np.generic], spec: OutputSpec) -> Scores:
+    """The output dequantised, shape ``(batch, classes)``: a new array, never ``raw`` itself."""
+    return np.array(dequantize(raw, spec.quantization), dtype=np.float32).reshape(raw.shape[0], -1)
+
+
+def to_probabilities(values: Scores, logits: bool) -> Scores:
+    """``values`` (from :func:`real_values`) made probabilities in place: softmax for logits,
+    then clipped to 0..1; non-finite rows are left as they are."""
     finite = finite_rows(values)
     if not finite.any():
         return values
-    if spec.kind == "logits" if logits is None else logits:
+    if logits:
         values[finite] = softmax(values[finite])
     values[finite] = np.clip(values[finite], 0.0, 1.0)
     return values
