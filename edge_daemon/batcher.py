@@ -28,6 +28,8 @@ class Item:
     roi: str
     frame: Frame
     crop: Image
+    #: Where the crop is in the frame: x, y, width, height in pixels.
+    box: tuple[int, int, int, int]
 
 
 class Batcher:
@@ -100,10 +102,11 @@ class Batcher:
 
     def _crops(self, camera: str, frame: Frame) -> list[Item]:
         rois = self._rois[camera]
-        if not rois:
-            return [Item(camera, WHOLE_FRAME, frame, frame.image)]
         height, width = frame.image.shape[:2]
-        return [
-            Item(camera, name, frame, crop(frame.image, roi.box(width, height)))
-            for name, roi in rois.items()
-        ]
+        if not rois:
+            return [Item(camera, WHOLE_FRAME, frame, frame.image, (0, 0, width, height))]
+        items = []
+        for name, roi in rois.items():
+            box = roi.box(width, height)
+            items.append(Item(camera, name, frame, crop(frame.image, box), box))
+        return items

@@ -22,7 +22,8 @@ from edge_daemon.settings import DELIMITER, ENV_PREFIX, Roi, Settings, credentia
 def env_name(loc: tuple[int | str, ...]) -> str:
     """The environment variable for a field location: ``("mqtt", "port")`` -> ``EDGE_MQTT__PORT``.
 
-    Camera and ROI names are dictionary keys and keep their case; field names are upper case.
+    Camera, ROI and label names are dictionary keys and keep their case; field names are upper
+    case.
     A ROI is one variable: the location of one of its four numbers gives the ROI's.
     """
     parts: list[str] = []
@@ -32,7 +33,10 @@ def env_name(loc: tuple[int | str, ...]) -> str:
         parts.append(text if keyed else text.upper())
         if keyed and parts[-2] == "ROIS":
             break
-        keyed = text in {"cameras", "rois"} and not keyed
+        in_camera = len(parts) == 3 and parts[0] == "CAMERAS"  # a camera's own ``state``
+        keyed = not keyed and (
+            text in {"cameras", "rois", "thresholds"} or (text == "state" and in_camera)
+        )
     name = DELIMITER.join(parts)  # an unknown one from the env file comes whole
     return name if name.startswith(ENV_PREFIX) else ENV_PREFIX + name
 

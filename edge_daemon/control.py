@@ -315,7 +315,9 @@ class Controller:
             reply = {"ok": True, "cmd": command.cmd}
         if command is not None and command.id is not None:
             reply["id"] = command.id
-        self._publisher.publish(self._publisher.topic("cmd", "result"), encode(reply), qos=1)
+        self._publisher.publish(
+            self._publisher.topic("cmd", "result"), encode(reply), qos=1, keep=True
+        )
 
     def _camera(self, name: str) -> Camera:
         camera = self._cameras.get(name)
@@ -336,7 +338,7 @@ class Controller:
             if not ok:
                 raise CommandError("snapshot: the frame could not be encoded")
             self._publisher.publish(
-                self._publisher.topic(command.camera, "snapshot"), jpeg.tobytes(), qos=0
+                self._publisher.topic(command.camera, "snapshot"), jpeg.tobytes(), qos=0, keep=True
             )
         else:
             self._publish_stats()

@@ -67,7 +67,11 @@ def _fields(model: type[BaseModel], prefix: str) -> list[str]:
         choices = _choices(annotation)
         if choices:
             lines.append(f"# One of: {choices}.")
-        lines.append(f"#{prefix}{name.upper()}={_default(info)}")
+        if get_origin(annotation) is dict:  # keyed by label: an example key and value
+            lines.append(f"#{prefix}{name.upper()}{DELIMITER}open=0.8")
+            continue
+        default = ",".join(info.default) if isinstance(info.default, tuple) else _default(info)
+        lines.append(f"#{prefix}{name.upper()}={default}")
     return lines
 
 
@@ -86,6 +90,15 @@ def _camera_lines() -> list[str]:
                 f"#{ENV_PREFIX}CAMERAS{DELIMITER}door{DELIMITER}ROIS{DELIMITER}porch="
                 "0.5,0.2,0.5,0.8"
             )
+            continue
+        if name == "state":
+            region = f"#{ENV_PREFIX}CAMERAS{DELIMITER}door{DELIMITER}STATE{DELIMITER}porch"
+            lines += [
+                f"{region}{DELIMITER}THRESHOLD=0.7",
+                f"{region}{DELIMITER}THRESHOLDS{DELIMITER}open=0.9",
+                f"{region}{DELIMITER}CONFIRM_FRAMES=5",
+                f"{region}{DELIMITER}IGNORE=background",
+            ]
             continue
         default = _default(info)
         if name == "source":

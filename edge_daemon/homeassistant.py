@@ -1,18 +1,28 @@
-"""Home Assistant MQTT discovery: a sensor per camera region (EDGE_HOMEASSISTANT__ENABLED).
+"""Home Assistant MQTT discovery (EDGE_HOMEASSISTANT__ENABLED): entities without any YAML.
 
-Each region's config goes, retained, to
-``<discovery_prefix>/sensor/<device_id>/<camera>_<roi>/config``. The sensor's state is the
-prediction's ``label`` (``none`` below the threshold) and its attributes the camera, region,
-model and device (not the per-frame fields), both read from the label topic the daemon already
-publishes. It is available
-while the daemon's ``status`` and the camera's ``status`` both say ``online``. All the
-region sensors of one daemon belong to one Home Assistant device named after ``EDGE_DEVICE_ID``.
+Under one device named after ``EDGE_DEVICE_ID``, retained configs on
+``<discovery_prefix>/<component>/<device_id>/<object_id>/config`` for:
+
+- a ``sensor`` per camera region (object id ``<camera>_<roi>``): its state the region's stable
+  label from the retained ``state`` topic (``none`` when nothing is recognised), so it changes
+  only when the region does; attributes camera, roi, score, since, previous and model;
+- an ``image`` per camera region: the snapshot of its last change;
+- a ``binary_sensor`` per camera (device class connectivity) from ``<camera>/status``;
+- diagnostic sensors from ``stats`` (when EDGE_MQTT__STATS_INTERVAL_S is not 0): each
+  camera's frames per second, the mean inference time, and the messages dropped.
+
+Everything is available while the daemon's ``status`` says ``online``; region entities also
+need their camera's. At start, the retained configs under this device's node id are read back
+and those of entities no longer configured (a renamed region) are removed with an empty
+retained config. Object ids of the daemon's own entities start with ``_``, which no camera
+name can, so they never meet a region's.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 from edge_daemon import __version__
 from edge_daemon.control import RateLimit
@@ -22,19 +32,20 @@ from edge_daemon.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: The sensor's state: the label, or ``none`` when the score is below the threshold.
+#: The sensor's state: the label, or ``none`` when nothing is recognised.
 STATE_TEMPLATE = "{{ value_json.label if value_json.label is not none else 'none' }}"
-#: Attributes that change only with the configuration. Per-frame fields (score, frame, ts,
-#: latency) would make Home Assistant's recorder write a row for every frame of every region.
+#: Attributes: they change with the state, never per frame.
 ATTRIBUTES_TEMPLATE = (
-    "{{ {'camera': value_json.camera, 'roi': value_json.roi, 'model': value_json.model,"
-    " 'device': value_json.device} | tojson }}"
+    "{{ {'camera': value_json.camera, 'roi': value_json.roi, 'score': value_json.score,"
+    " 'since': value_json.since, 'previous': value_json.previous,"
+    " 'model': value_json.model} | tojson }}"
 )
 ORIGIN = {
     "name": "edge-daemon",
     "sw_version": __version__,
     "support_url": "https://github.com/edge-daemon/edge-daemon",
 }
+Config = dict[str, Any]
 
 
 def birth_topic(settings: Settings) -> str:
@@ -42,17 +53,140 @@ def birth_topic(settings: Settings) -> str:
     return f"{settings.homeassistant.discovery_prefix}/status"
 
 
-def config_topic(settings: Settings, camera: str, roi: str) -> str:
-    """The retained discovery topic of one camera region's sensor."""
+def config_topic(settings: Settings, component: str, object_id: str) -> str:
+    """The retained discovery topic of one entity."""
     prefix = settings.homeassistant.discovery_prefix
-    return f"{prefix}/sensor/{settings.device_id}/{camera}_{roi}/config"
+    return f"{prefix}/{component}/{settings.device_id}/{object_id}/config"
+
+
+def recall_filter(settings: Settings) -> str:
+    """Every retained config of this device's entities, for removing stale ones at start."""
+    return config_topic(settings, "+", "+")
+
+
+def is_config(settings: Settings, topic: str) -> bool:
+    """True for a discovery config topic of this device."""
+    parts = topic.split("/")
+    prefix = settings.homeassistant.discovery_prefix.split("/")
+    return (
+        len(parts) == len(prefix) + 4
+        and parts[: len(prefix)] == prefix
+        and parts[-3] == settings.device_id
+        and parts[-1] == "config"
+    )
+
+
+def _availability(*topics: str) -> list[dict[str, str]]:
+    return [
+        {"topic": t, "payload_available": "online", "payload_not_available": "offline"}
+        for t in topics
+    ]
+
+
+def _region_configs(settings: Settings, camera: str, roi: str) -> list[tuple[str, Config]]:
+    prefix = settings.topic_prefix
+    state_topic = f"{prefix}/{camera}/{roi}/state"
+    available = {
+        "availability": _availability(f"{prefix}/status", f"{prefix}/{camera}/status"),
+        "availability_mode": "all",
+    }
+    unique = f"edge_daemon_{settings.device_id}_{camera}_{roi}"
+    sensor = {
+        "name": f"{camera} {roi}",
+        "unique_id": unique,
+        "state_topic": state_topic,
+        "value_template": STATE_TEMPLATE,
+        "json_attributes_topic": state_topic,
+        "json_attributes_template": ATTRIBUTES_TEMPLATE,
+        "icon": "mdi:cctv",
+        "qos": 1,
+        **available,
+    }
+    image = {
+        "name": f"{camera} {roi} snapshot",
+        "unique_id": f"{unique}_snapshot",
+        "image_topic": f"{prefix}/{camera}/{roi}/snapshot",
+        "content_type": "image/jpeg",
+        **available,
+    }
+    return [("sensor", sensor), ("image", image)]
+
+
+def _camera_config(settings: Settings, camera: str) -> Config:
+    prefix = settings.topic_prefix
+    return {
+        "name": f"{camera} camera",
+        "unique_id": f"edge_daemon_{settings.device_id}_{camera}_connectivity",
+        "state_topic": f"{prefix}/{camera}/status",
+        "payload_on": "online",
+        "payload_off": "offline",
+        "device_class": "connectivity",
+        "entity_category": "diagnostic",
+        "qos": 1,
+        "availability": _availability(f"{prefix}/status"),
+    }
+
+
+def _diagnostics(settings: Settings, cameras: list[str]) -> list[tuple[str, Config]]:
+    """Sensors read from the ``stats`` message (``(object id, config)``)."""
+    stats = f"{settings.topic_prefix}/stats"
+    unique = f"edge_daemon_{settings.device_id}"
+    common = {
+        "state_topic": stats,
+        "entity_category": "diagnostic",
+        "state_class": "measurement",
+        "availability": _availability(f"{settings.topic_prefix}/status"),
+    }
+    out: list[tuple[str, Config]] = [
+        (
+            "_inference_ms",
+            {
+                "name": "inference time",
+                "unique_id": f"{unique}_inference_ms",
+                "value_template": "{{ value_json.inference.mean_inference_ms }}",
+                "unit_of_measurement": "ms",
+                "device_class": "duration",
+                "icon": "mdi:timer-outline",
+                **common,
+            },
+        ),
+        (
+            "_dropped",
+            {
+                "name": "messages dropped",
+                "unique_id": f"{unique}_dropped",
+                "value_template": "{{ value_json.mqtt.dropped }}",
+                "icon": "mdi:message-alert-outline",
+                **common,
+                "state_class": "total_increasing",
+            },
+        ),
+    ]
+    for camera in cameras:
+        out.append(
+            (
+                f"_fps_{camera}",
+                {
+                    "name": f"{camera} frames per second",
+                    "unique_id": f"{unique}_{camera}_fps",
+                    # A camera's entry is absent only if the message is not ours: say unknown.
+                    "value_template": (
+                        f"{{{{ value_json.cameras['{camera}'].fps "
+                        f"if '{camera}' in value_json.cameras else none }}}}"
+                    ),
+                    "unit_of_measurement": "fps",
+                    "icon": "mdi:filmstrip",
+                    **common,
+                },
+            )
+        )
+    return out
 
 
 def discovery_messages(
     settings: Settings, regions: dict[str, list[str]], model: str
 ) -> list[tuple[str, bytes]]:
     """The discovery configs, ``(topic, payload)``, for ``regions`` (camera: ROI names)."""
-    status = f"{settings.topic_prefix}/status"
     device = {
         "identifiers": [f"edge_daemon_{settings.device_id}"],
         "name": f"edge-daemon {settings.device_id}",
@@ -60,7 +194,7 @@ def discovery_messages(
         "model": f"edge-daemon ({model})",
         "sw_version": __version__,
     }
-    messages = []
+    entities: list[tuple[str, str, Config]] = []
     seen: dict[str, str] = {}
     for camera, rois in regions.items():
         for roi in rois:
@@ -72,32 +206,17 @@ def discovery_messages(
                     "camera or the region"
                 )
             seen[object_id] = f"camera {camera}, region {roi}"
-            label_topic = f"{settings.topic_prefix}/{camera}/{roi}/label"
-            config = {
-                "name": f"{camera} {roi}",
-                "unique_id": f"edge_daemon_{settings.device_id}_{camera}_{roi}",
-                "state_topic": label_topic,
-                "value_template": STATE_TEMPLATE,
-                "json_attributes_topic": label_topic,
-                "json_attributes_template": ATTRIBUTES_TEMPLATE,
-                "icon": "mdi:cctv",
-                "availability": [
-                    {
-                        "topic": topic,
-                        "payload_available": "online",
-                        "payload_not_available": "offline",
-                    }
-                    for topic in (status, f"{settings.topic_prefix}/{camera}/status")
-                ],
-                "availability_mode": "all",
-                "qos": settings.mqtt.qos,
-                "device": device,
-                "origin": ORIGIN,
-            }
-            messages.append(
-                (config_topic(settings, camera, roi), json.dumps(config, sort_keys=True).encode())
-            )
-    return messages
+            entities += [(c, object_id, cfg) for c, cfg in _region_configs(settings, camera, roi)]
+        entities.append(("binary_sensor", camera, _camera_config(settings, camera)))
+    if settings.mqtt.stats_interval_s:
+        entities += [("sensor", o, cfg) for o, cfg in _diagnostics(settings, list(regions))]
+    return [
+        (
+            config_topic(settings, component, object_id),
+            json.dumps({**config, "device": device, "origin": ORIGIN}, sort_keys=True).encode(),
+        )
+        for component, object_id, config in entities
+    ]
 
 
 def announce(publisher: Publisher, settings: Settings, configs: list[tuple[str, bytes]]) -> None:
@@ -113,11 +232,22 @@ def announce(publisher: Publisher, settings: Settings, configs: list[tuple[str, 
         if payload.strip() == b"online" and resend.allow():
             log.info("Home Assistant is online: sending %d discovery configs", len(configs))
             for topic, config in configs:
-                publisher.publish(topic, config, qos=1, retain=True)
+                publisher.publish(topic, config, qos=1, retain=True, keep=True)
 
     publisher.watch(birth_topic(settings), on_birth)
     log.info(
-        "Home Assistant discovery: %d sensors under %s",
+        "Home Assistant discovery: %d entities under %s",
         len(configs),
         settings.homeassistant.discovery_prefix,
     )
+
+
+def remove_stale(
+    publisher: Publisher, configs: list[tuple[str, bytes]], topic: str, payload: bytes
+) -> None:
+    """A retained config read back at start: remove it (an empty retained config) when it is
+    not one of ``configs``, so an entity no longer configured disappears from Home Assistant."""
+    if not payload or topic in {t for t, _ in configs}:
+        return
+    log.info("Home Assistant: removing %s, no longer configured", topic)
+    publisher.publish(topic, b"", qos=1, retain=True, keep=True)

@@ -35,7 +35,8 @@ MAX_CONSECUTIVE_FAILURES = 3
 
 
 class InferenceStage:
-    """Takes batches from the batcher, runs them, hands each prediction to ``emit``."""
+    """Takes batches from the batcher, runs them, hands each crop and its prediction to
+    ``emit``."""
 
     def __init__(
         self,
@@ -44,7 +45,7 @@ class InferenceStage:
         batcher: Batcher,
         *,
         engine: Engine,
-        emit: Callable[[Prediction], None],
+        emit: Callable[[Item, Prediction], None],
         reload: Callable[[], Engine],
     ) -> None:
         self.settings = settings
@@ -110,7 +111,7 @@ class InferenceStage:
         finite = postprocess.finite_rows(scores)
         for item, row, ok in zip(items, scores, finite, strict=True):
             if ok:
-                self._emit(self._prediction(item, row, inference_ms, len(items)))
+                self._emit(item, self._prediction(item, row, inference_ms, len(items)))
             else:
                 self._drop_invalid(item)
 

@@ -16,13 +16,14 @@ import time
 from typing import Any
 
 from edge_daemon import control, homeassistant
-from edge_daemon.batcher import Batcher
+from edge_daemon.batcher import Batcher, Item
 from edge_daemon.capture import Camera
 from edge_daemon.engine import Engine, load_engine
 from edge_daemon.errors import EdgeDaemonError
 from edge_daemon.inference import InferenceStage
 from edge_daemon.prediction import EncodeError, Prediction, encode
 from edge_daemon.publisher import Publisher
+from edge_daemon.scene import StateStage
 from edge_daemon.settings import Settings, sample_camera
 from edge_daemon.sources import Opener, open_source, redact, require_backends
 from edge_daemon.stats import InferenceStats, stats_payload, status_line
@@ -70,6 +71,15 @@ class Daemon:
             emit=self._publish_prediction,
             reload=lambda: load_engine(settings),
         )
+        regions = {c.name: self.batcher.rois(c.name) for c in self.cameras}
+        self.states = StateStage(
+            settings,
+            self.publisher,
+            regions,
+            threshold=lambda: self.inference.threshold,
+            model=lambda: self.engine.name,
+        )
+        self._labels = settings.mqtt.labels == "every"
         self.controller = (
             control.Controller(
                 inbox,
@@ -83,11 +93,7 @@ class Daemon:
         )
         #: Home Assistant discovery configs (topic, payload); checked here, sent by ``start``.
         self._discovery = (
-            homeassistant.discovery_messages(
-                settings,
-                {c.name: self.batcher.rois(c.name) for c in self.cameras},
-                self.engine.name,
-            )
+            homeassistant.discovery_messages(settings, regions, self.engine.name)
             if settings.homeassistant.enabled
             else []
         )
@@ -126,8 +132,11 @@ class Daemon:
         self._started = time.monotonic()
         for camera in self.cameras:
             self.publisher.publish_retained(self.publisher.topic(camera.name, "status"), b"offline")
+        filters = [self.states.recall_filter()]
         if self.settings.homeassistant.enabled:
             homeassistant.announce(self.publisher, self.settings, self._discovery)
+            filters.append(homeassistant.recall_filter(self.settings))
+        self.publisher.recall(filters, self._recalled_message, self._recalled)
         self.publisher.start()
         for camera in self.cameras:
             log.info(
@@ -198,6 +207,8 @@ class Daemon:
                 next_ping = now + ping_every
             if self.controller is not None:
                 self.controller.poll()
+            self.publisher.poll_recall()
+            self.states.poll()
             if now >= next_status:
                 self.notifier.status(self.status_line())
                 next_status = now + 5.0
@@ -227,8 +238,22 @@ class Daemon:
             self.publisher.topic(name, "status"), b"online" if online else b"offline"
         )
 
-    def _publish_prediction(self, prediction: Prediction) -> None:
-        """On the inference thread: one label message (never NaN or Infinity in it)."""
+    def _recalled_message(self, topic: str, payload: bytes) -> None:
+        """A retained message read back at start (on paho's thread)."""
+        if self.settings.homeassistant.enabled and homeassistant.is_config(self.settings, topic):
+            homeassistant.remove_stale(self.publisher, self._discovery, topic, payload)
+        else:
+            self.states.restore(topic, payload)
+
+    def _recalled(self) -> None:
+        self.states.recalled()
+
+    def _publish_prediction(self, item: Item, prediction: Prediction) -> None:
+        """On the inference thread: the region's state, and a label message when per-frame
+        labels are on (never NaN or Infinity in it)."""
+        self.states.observe(item, prediction)
+        if not self._labels:
+            return
         try:
             payload = prediction.to_json()
         except EncodeError as exc:
@@ -262,6 +287,7 @@ class Daemon:
             inference=self.stats,
             publisher=self.publisher,
             control=self.controller.stats() if self.controller is not None else None,
+            state=self.states.stats(),
         )
 
     def publish_stats(self) -> None:

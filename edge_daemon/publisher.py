@@ -3,7 +3,9 @@
 ``publish()`` only appends to a bounded queue; a sender thread hands messages to paho while the
 broker is connected, keeping at most a window of QoS 1/2 messages unacknowledged, so paho's own
 queue stays small. When the broker is slow or away the queue fills and the oldest messages are
-dropped and counted: live labels want the newest. The retained ``status`` is ``online`` while
+dropped and counted: live labels want the newest. States, events, snapshots and replies go in
+a second lane (``keep=True``) that is sent first and never loses a message to a flood of
+labels. The retained ``status`` is ``online`` while
 connected, with a retained ``offline`` last will, and ``offline`` is published before a clean
 disconnect (the broker sends the will only on an unclean one).
 
@@ -44,6 +46,18 @@ class Message:
     payload: bytes
     qos: int
     retain: bool
+
+
+@dataclass(slots=True)
+class Recall:
+    """Retained messages to read back once, at the first connection."""
+
+    filters: list[str]
+    on_retained: Callable[[str, bytes], None]
+    on_done: Callable[[], None]
+    timeout: float
+    deadline: float = float("inf")
+    done: bool = False
 
 
 def close_client(client: mqtt.Client, clean: bool = True) -> None:
@@ -107,6 +121,10 @@ class Publisher:
         if inbox is not None:
             self.watch(self.topic("cmd"), inbox.put)
         self._queue: collections.deque[Message] = collections.deque()
+        #: Messages that must not be lost to a flood of labels: sent first, dropped only when
+        #: this lane itself overflows.
+        self._priority: collections.deque[Message] = collections.deque()
+        self._recall: Recall | None = None
         self._cond = threading.Condition()
         self._connected = False
         #: Messages handed to paho and not yet confirmed, by message id: their QoS.
@@ -182,17 +200,18 @@ class Publisher:
             # a reconnect from here on sends ``offline`` (see _on_connect).
             self._stopping = True
             self._retained[offline.topic] = offline
-            kept = [m for m in self._queue if m.topic != offline.topic]
-            self._queue.clear()
-            self._queue.extend([offline, *kept])
+            kept = [m for m in self._priority if m.topic != offline.topic]
+            self._queue = collections.deque(m for m in self._queue if m.topic != offline.topic)
+            self._priority.clear()
+            self._priority.extend([offline, *kept])
             self._cond.notify_all()
         with self._cond:
-            while (self._queue or self._pending) and self._connected:
+            while (self._queue or self._priority or self._pending) and self._connected:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._cond.wait(min(remaining, 0.1))
-            left = len(self._queue) + len(self._pending)
+            left = len(self._queue) + len(self._priority) + len(self._pending)
         if left:
             log.warning("stopping with %d message(s) not delivered to the broker", left)
         self._stop.set()
@@ -234,28 +253,106 @@ class Publisher:
     @property
     def queued(self) -> int:
         """Messages waiting in the queue."""
-        return len(self._queue)
+        return len(self._queue) + len(self._priority)
 
     # --- publishing ------------------------------------------------------------------------
 
     def publish(
-        self, topic: str, payload: bytes, *, qos: int | None = None, retain: bool = False
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int | None = None,
+        retain: bool = False,
+        keep: bool = False,
     ) -> None:
-        """Queue a message; when the queue is full the oldest one is dropped and counted."""
+        """Queue a message; when the queue is full the oldest one is dropped and counted.
+
+        ``keep=True`` (states, events, snapshots, replies) puts it in the lane sent first,
+        which labels never push out."""
         message = Message(topic, payload, self.settings.mqtt.qos if qos is None else qos, retain)
+        lane = self._priority if keep else self._queue
         with self._cond:
-            if len(self._queue) >= self.settings.mqtt.queue_size:
-                self._queue.popleft()
+            if len(lane) >= self.settings.mqtt.queue_size:
+                lane.popleft()
                 self.dropped += 1
-            self._queue.append(message)
+            lane.append(message)
             self._cond.notify_all()
 
     def publish_retained(self, topic: str, payload: bytes) -> None:
-        """Queue a retained QoS 1 state message, re-sent after every reconnect."""
+        """Queue a retained QoS 1 state message, sent before labels and re-sent after every
+        reconnect."""
         message = Message(topic, payload, 1, True)
         with self._cond:
             self._retained[topic] = message
-        self.publish(topic, payload, qos=1, retain=True)
+        self.publish(topic, payload, qos=1, retain=True, keep=True)
+
+    # --- reading retained messages back -----------------------------------------------------
+
+    def recall(
+        self,
+        filters: list[str],
+        on_retained: Callable[[str, bytes], None],
+        on_done: Callable[[], None],
+        timeout: float = 5.0,
+    ) -> None:
+        """Read back the retained messages on ``filters`` once, at the first connection, before
+        anything is published: ``on_retained(topic, payload)`` for each (on paho's thread),
+        then ``on_done()`` once all have arrived, or ``timeout`` seconds after connecting
+        (call :meth:`poll_recall` from time to time for that). Call before ``start``.
+
+        The end is known by our own ``online``: it is sent after the subscription, and the
+        broker delivers a client's messages in order, so it arrives after every retained one.
+        """
+        self._recall = Recall(filters, on_retained, on_done, timeout)
+        for topic in filters:
+            self._client.message_callback_add(topic, self._on_recalled)
+        self._client.message_callback_add(self.topic("status"), self._on_own_status)
+
+    def poll_recall(self) -> None:
+        """End a recall whose retained messages did not all arrive in time."""
+        recall = self._recall
+        if recall is not None and not recall.done and time.monotonic() > recall.deadline:
+            log.warning(
+                "the broker did not return the retained states in %.0f s: going on without "
+                "them (a state may be announced again as a change)",
+                recall.timeout,
+            )
+            self._end_recall()
+
+    @property
+    def recalling(self) -> bool:
+        """True until the recall (if any) has ended."""
+        return self._recall is not None and not self._recall.done
+
+    def _on_recalled(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        del client, userdata
+        recall = self._recall
+        if recall is None or recall.done or not message.retain:
+            return
+        try:
+            recall.on_retained(message.topic, bytes(message.payload))
+        except Exception:
+            log.exception("reading back %s failed", message.topic)
+
+    def _on_own_status(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        del client, userdata
+        if not message.retain and bytes(message.payload) == b"online":
+            self._end_recall()
+
+    def _end_recall(self) -> None:
+        recall = self._recall
+        if recall is None:
+            return
+        with self._cond:
+            if recall.done:
+                return
+            recall.done = True
+        self._client.unsubscribe([*recall.filters, self.topic("status")])
+        try:
+            recall.on_done()
+        except Exception:
+            log.exception("ending the read-back of retained messages failed")
 
     # --- paho callbacks (on paho's network thread) -------------------------------------------
 
@@ -279,6 +376,12 @@ class Publisher:
             return
         self.watcher.accepted()
         self._backoff.reset()
+        recall = self._recall
+        if recall is not None and not recall.done:
+            # Before ``online`` can be sent (the sender waits for _connected): its echo marks
+            # the end of the retained messages.
+            recall.deadline = time.monotonic() + recall.timeout
+            self._client.subscribe([(t, 1) for t in [*recall.filters, self.topic("status")]])
         with self._cond:
             # State first: the broker must see ``online`` and camera states before labels.
             self._connected = True
@@ -286,9 +389,11 @@ class Publisher:
             # callback; new messages wait for those, so every topic stays in order.
             self._drain_until = time.monotonic() + 10.0 if self._pending else 0.0
             states = [m for t, m in self._retained.items() if t != self.topic("status")]
-            self._queue.extendleft(reversed(states))
+            resent = {m.topic for m in states}
+            kept = [m for m in self._priority if not (m.retain and m.topic in resent)]
+            self._priority.clear()
             status = b"offline" if self._stopping else b"online"
-            self._queue.appendleft(Message(self.topic("status"), status, 1, True))
+            self._priority.extend([Message(self.topic("status"), status, 1, True), *states, *kept])
             self._cond.notify_all()
         if self._watched:
             self._client.subscribe([(topic, 1) for topic in self._watched])
@@ -323,7 +428,8 @@ class Publisher:
     def _can_send(self) -> bool:
         """Called under the lock: connected, something queued, room in the window, and no
         re-sent messages from before a reconnect still unconfirmed."""
-        if not (self._connected and self._queue and len(self._pending) < INFLIGHT_WINDOW):
+        waiting = self._queue or self._priority
+        if not (self._connected and waiting and len(self._pending) < INFLIGHT_WINDOW):
             return False
         return not (self._pending and time.monotonic() < self._drain_until)
 
@@ -334,7 +440,8 @@ class Publisher:
                     self._cond.wait(0.2)
                 if self._stop.is_set():
                     return
-                message = self._queue.popleft()
+                lane = self._priority if self._priority else self._queue
+                message = lane.popleft()
             # Not under our lock: paho calls on_publish holding its own, which would deadlock.
             info = self._client.publish(
                 message.topic, message.payload, qos=message.qos, retain=message.retain
@@ -343,7 +450,7 @@ class Publisher:
                 # The connection broke and paho's on_disconnect has not run yet: keep it for
                 # the next connection, and let on_disconnect say we are offline.
                 with self._cond:
-                    self._queue.appendleft(message)
+                    lane.appendleft(message)
                     self._cond.wait(0.05)
                 continue
             # At QoS 1 and 2 paho keeps a message it could not send and sends it once

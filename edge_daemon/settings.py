@@ -45,6 +45,7 @@ from edge_daemon.fields import (
     check_mqtt_string,
     check_names,
 )
+from edge_daemon.state_settings import RegionStateSettings, SnapshotSettings, StateSettings
 
 ENV_PREFIX = "EDGE_"
 DELIMITER = "__"
@@ -124,11 +125,25 @@ class CameraSettings(Group):
     rois: dict[str, Roi] = Field(default_factory=dict)
     """Named regions x,y,width,height (pixels, or fractions when all are at most 1), each one
     batch element with its own topic; none means the whole frame, named 'frame'."""
+    state: dict[str, RegionStateSettings] = Field(default_factory=dict)
+    """A region's own state settings (over the EDGE_STATE__ ones), keyed by region name
+    ('frame' without regions): its default THRESHOLD, per-label THRESHOLDS, CONFIRM_FRAMES,
+    and IGNORE (which replaces the global list)."""
 
     @field_validator("rois")
     @classmethod
     def _roi_names(cls, value: dict[str, Roi]) -> dict[str, Roi]:
         return check_names(value, "ROI")
+
+    @model_validator(mode="after")
+    def _state_regions(self) -> CameraSettings:
+        names = set(self.rois) or {"frame"}
+        for name in self.state:
+            if name not in names:
+                raise ValueError(
+                    f"STATE__{name}: no region of that name (regions: {', '.join(sorted(names))})"
+                )
+        return self
 
 
 class ModelSettings(Group):
@@ -174,11 +189,14 @@ class ControlSettings(Group):
 
 
 class HomeAssistantSettings(Group):
-    """Home Assistant MQTT discovery: a sensor per camera region, without any YAML."""
+    """Home Assistant MQTT discovery: sensors, images and diagnostics without any YAML."""
 
     enabled: bool = False
-    """Publish retained discovery configs so Home Assistant's MQTT integration creates one
-    sensor per camera region: its state the label, the prediction's fields as attributes."""
+    """Publish retained discovery configs so Home Assistant's MQTT integration creates, under
+    one device: a sensor per camera region (its state the region's stable label, 'none' when
+    nothing is recognised; attributes camera, roi, score, since, previous, model), an image
+    per region (the snapshot of its last change), a connectivity binary sensor per camera, and
+    diagnostic sensors from the stats. Configs of regions no longer configured are removed."""
     discovery_prefix: str = Field(default="homeassistant", max_length=200, pattern=r"^[^#+\s]+$")
     """Home Assistant's MQTT discovery prefix; configs are re-sent when it says
     <prefix>/status online (after a restart)."""
@@ -211,7 +229,10 @@ class MqttSettings(Group):
     protocol: Literal["3.1.1", "5"] = "3.1.1"
     """MQTT protocol version."""
     qos: Literal[0, 1, 2] = 1
-    """QoS of prediction messages."""
+    """QoS of per-frame label messages (states, events and snapshots always use 1)."""
+    labels: Literal["every", "off"] = "every"
+    """Per-frame labels on <camera>/<roi>/label: every prediction, or off (the retained
+    state, events and snapshots are published either way)."""
     topic_prefix: str | None = Field(default=None, max_length=200)
     """Topic prefix (default: ``edge/<device_id>``)."""
     username: str | None = Field(default=None, max_length=MQTT_MAX_BYTES)
@@ -370,6 +391,8 @@ class Settings(BaseSettings):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     control: ControlSettings = Field(default_factory=ControlSettings)
     homeassistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
+    state: StateSettings = Field(default_factory=StateSettings)
+    snapshots: SnapshotSettings = Field(default_factory=SnapshotSettings)
     cameras: dict[str, CameraSettings] = Field(default_factory=dict)
 
     @field_validator("cameras")

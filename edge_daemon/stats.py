@@ -72,6 +72,7 @@ def stats_payload(
     inference: InferenceStats,
     publisher: Publisher,
     control: Mapping[str, int] | None,
+    state: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """The ``stats`` message (``started`` is the daemon's start, on the monotonic clock)."""
     uptime = time.monotonic() - started
@@ -91,6 +92,8 @@ def stats_payload(
             "dropped": publisher.dropped,
         },
     }
+    if state is not None:
+        payload["state"] = dict(state)
     if control is not None:
         payload["control"] = dict(control)
     return payload

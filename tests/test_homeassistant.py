@@ -6,6 +6,7 @@ import json
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import jinja2
 import paho.mqtt.client as mqtt
@@ -49,7 +50,7 @@ def render(template: str, payload: bytes) -> str:
     return jinja2.Environment().from_string(template).render(value_json=json.loads(payload))
 
 
-def test_home_assistant_discovers_a_sensor_per_region_and_follows_its_labels(
+def test_home_assistant_entities_follow_states_snapshots_status_and_stats(
     tmp_path: Path,
 ) -> None:
     prefix = unique_prefix()
@@ -66,15 +67,32 @@ def test_home_assistant_discovers_a_sensor_per_region_and_follows_its_labels(
         prefix,
         cameras=cameras,
         homeassistant={"enabled": True, "discovery_prefix": discovery},
+        snapshots={"min_interval_s": 0.2},
     )
-    names = ("yard_left", "yard_right", "gate_frame")
-    expected = {f"{discovery}/sensor/testbox/{name}/config" for name in names}
+    node = f"{discovery}/{{}}/testbox/{{}}/config"
+    regions = ("yard_left", "yard_right", "gate_frame")
+    expected = {node.format("sensor", r) for r in regions}
+    expected |= {node.format("image", r) for r in regions}
+    expected |= {node.format("binary_sensor", c) for c in ("yard", "gate")}
+    diagnostics = ("_inference_ms", "_dropped", "_fps_yard", "_fps_gate")
+    expected |= {node.format("sensor", d) for d in diagnostics}
+    # Left behind by an earlier configuration (a region renamed since), and another device's.
+    stale = node.format("sensor", "yard_old")
+    other = f"{discovery}/sensor/otherbox/yard_left/config"
+    publish(stale, b'{"name": "old"}', retain=True)
+    publish(other, b'{"name": "other"}', retain=True)
     try:
         with subscriber(discovery) as ha, subscriber(prefix) as sub:
             daemon = Daemon(settings)
             with running(daemon):
-                assert ha.wait_for(lambda: {m.topic for m in configs(ha)} == expected)
-                assert sub.wait_for(lambda: len(sub.labels()) >= 30)
+                assert ha.wait_for(lambda: expected <= {m.topic for m in configs(ha)})
+                # The stale config is removed; the other device's is left alone.
+                assert ha.wait_for(
+                    lambda: any(m.topic == stale and not m.payload for m in ha.messages)
+                )
+                assert not [m for m in ha.messages if m.topic == other and not m.payload]
+                assert sub.wait_for(lambda: len(sub.on("stats")) >= 2)
+                assert sub.wait_for(lambda: all(sub.on(*r.split("_"), "snapshot") for r in regions))
                 # Home Assistant restarts and says so: every config comes again.
                 before = len(configs(ha))
                 publish(f"{discovery}/status", b"online")
@@ -89,46 +107,82 @@ def test_home_assistant_discovers_a_sensor_per_region_and_follows_its_labels(
                 assert len(configs(ha)) - before <= allowed * len(expected)
             # The configs stay on the broker for a Home Assistant that subscribes later.
             with subscriber(discovery) as later:
-                assert later.wait_for(lambda: len(configs(later)) == len(expected))
+                assert later.wait_for(lambda: len(configs(later)) == len(expected) + 1)
                 assert all(m.retain for m in configs(later))
-            found = {m.topic: m.json() for m in configs(later)}
+            found = {m.topic: m.json() for m in configs(later) if m.topic != other}
+            assert set(found) == expected
             assert len({c["unique_id"] for c in found.values()}) == len(expected)
             for topic, config in found.items():
-                camera, roi = topic.split("/")[-2].split("_")
-                label_topic = f"{prefix}/{camera}/{roi}/label"
-                assert config["state_topic"] == config["json_attributes_topic"] == label_topic
-                assert [a["topic"] for a in config["availability"]] == [
-                    f"{prefix}/status",
-                    f"{prefix}/{camera}/status",
-                ]
-                assert config["availability_mode"] == "all"
+                component, object_id = topic.split("/")[-4], topic.split("/")[-2]
                 assert config["device"]["identifiers"] == ["edge_daemon_testbox"]
                 assert config["device"]["model"] == "edge-daemon (digits)"
-                # The sensor's state, as Home Assistant renders it from what was published.
-                published = sub.on(camera, roi, "label")
-                assert published, f"no labels on {label_topic}"
-                attributes = set()
-                for message in published:
-                    label = message.json()["label"]
-                    assert render(config["value_template"], message.payload) == (label or "none")
-                    attributes.add(render(config["json_attributes_template"], message.payload))
-                # Attributes that do not change per frame (Home Assistant records each change).
-                assert len(attributes) == 1
-                assert json.loads(attributes.pop()) == {
-                    "camera": camera,
-                    "roi": roi,
-                    "model": "digits",
-                    "device": "testbox",
-                }
-            # Below the threshold the label is null, and the sensor says none.
-            template = next(iter(found.values()))["value_template"]
-            assert render(template, b'{"label": null, "score": 0.2}') == "none"
+                assert config["availability"][0]["topic"] == f"{prefix}/status"
+                if object_id.startswith("_"):
+                    check_diagnostic(config, sub.on("stats"))
+                elif component == "binary_sensor":
+                    check_connectivity(config, sub, object_id)
+                elif component == "image":
+                    check_image(config, sub)
+                else:
+                    check_region_sensor(config, sub)
             # Availability: the retained states the configs point at.
             assert sub.on("status")[-1].payload == b"offline"  # after the clean stop
             assert sub.on("gate", "status")[-1].payload == b"offline"
     finally:
-        for topic in expected:  # leave the shared broker as it was
+        for topic in (*expected, stale, other):  # leave the shared broker as it was
             publish(topic, b"", retain=True)
+
+
+def check_region_sensor(config: dict[str, Any], sub: Subscriber) -> None:
+    """The sensor's state and attributes, as Home Assistant renders them from each state."""
+    camera, roi = config["state_topic"].split("/")[-3:-1]
+    assert config["state_topic"] == config["json_attributes_topic"]
+    assert config["state_topic"] == sub.topic(camera, roi, "state")
+    assert [a["topic"] for a in config["availability"]] == [
+        sub.topic("status"),
+        sub.topic(camera, "status"),
+    ]
+    assert config["availability_mode"] == "all"
+    published = sub.on(camera, roi, "state")
+    assert published, f"no state on {config['state_topic']}"
+    for message in published:
+        state = message.json()
+        assert render(config["value_template"], message.payload) == (state["label"] or "none")
+        attributes = json.loads(render(config["json_attributes_template"], message.payload))
+        assert attributes == {
+            "camera": camera,
+            "roi": roi,
+            "score": state["score"],
+            "since": state["since"],
+            "previous": state["previous"],
+            "model": "digits",
+        }
+    # Nothing recognised: the sensor says none.
+    assert render(config["value_template"], b'{"label": null, "score": 0.2}') == "none"
+
+
+def check_image(config: dict[str, Any], sub: Subscriber) -> None:
+    camera, roi = config["image_topic"].split("/")[-3:-1]
+    assert config["image_topic"] == sub.topic(camera, roi, "snapshot")
+    assert config["content_type"] == "image/jpeg"
+    snapshots = sub.on(camera, roi, "snapshot")
+    assert snapshots
+    assert all(m.payload[:3] == b"\xff\xd8\xff" for m in snapshots)
+
+
+def check_connectivity(config: dict[str, Any], sub: Subscriber, camera: str) -> None:
+    assert config["device_class"] == "connectivity"
+    assert config["state_topic"] == sub.topic(camera, "status")
+    seen = {m.payload.decode() for m in sub.on(camera, "status")}
+    assert seen == {config["payload_on"], config["payload_off"]}
+
+
+def check_diagnostic(config: dict[str, Any], stats: list[Received]) -> None:
+    assert config["entity_category"] == "diagnostic"
+    assert config["state_topic"] == stats[0].topic
+    for message in stats:
+        value = render(config["value_template"], message.payload)
+        assert float(value) >= 0, (config["name"], value)
 
 
 def test_no_discovery_unless_enabled(tmp_path: Path) -> None:
@@ -179,12 +233,14 @@ def test_a_retained_birth_is_old_news(tmp_path: Path) -> None:
             )
             with running(daemon):
                 assert sub.wait_for(lambda: len(sub.labels()) >= 10)
+                one_set = len(daemon._discovery)
                 publish(f"{discovery}/status", b"online")  # a live one counts
-                assert ha.wait_for(lambda: len(configs(ha)) >= 2)
+                assert ha.wait_for(lambda: len(configs(ha)) >= 2 * one_set)
                 time.sleep(1.0)
             sent = len(configs(ha))
-        # First connect (sent with the retained states) and the live birth: never the retained.
-        assert 2 <= sent <= 3
+        # First connect and the live birth: never the retained one.
+        assert sent == 2 * one_set
     finally:
         publish(f"{discovery}/status", b"", retain=True)
-        publish(f"{discovery}/sensor/testbox/sample_digit/config", b"", retain=True)
+        for topic, _ in daemon._discovery:
+            publish(topic, b"", retain=True)

@@ -117,12 +117,13 @@ def _leaves(model: type[BaseModel], prefix: str) -> list[tuple[str, str]]:
         (kind,) = _plain(info.annotation)
         if get_origin(kind) is dict:
             variable += "__door" if name == "cameras" else "__porch"
-            kind = get_args(kind)[1]
+            (kind,) = _plain(get_args(kind)[1])
         if isinstance(kind, type) and issubclass(kind, BaseModel) and kind is not Roi:
             leaves += _leaves(kind, variable + "__")
         elif kind in {int, float}:
             leaves.append((variable, "number"))
-        elif kind in {str, Path, SecretStr, Roi}:  # a ROI is written as text
+        elif kind in {str, Path, SecretStr, Roi} or get_origin(kind) is tuple:
+            # a ROI is written as text, a list of labels as text separated by commas
             leaves.append((variable, "text"))
         else:
             assert kind is bool or get_origin(kind) is Literal, f"{variable}: {kind} unknown"
@@ -138,6 +139,8 @@ def _with_camera(variable: str, value: str) -> dict[str, str]:
     env = {variable: value}
     if variable.startswith(CAMERA) and variable != f"{CAMERA}SOURCE":
         env[f"{CAMERA}SOURCE"] = "rtsp://192.0.2.10/stream"
+    if variable.startswith(f"{CAMERA}STATE__porch"):  # a region's state needs the region
+        env[f"{CAMERA}ROIS__porch"] = "0,0,1,1"
     return env
 
 
