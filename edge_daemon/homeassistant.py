@@ -14,8 +14,9 @@ Under one device named after ``EDGE_DEVICE_ID``, retained configs on
 Everything is available while the daemon's ``status`` says ``online``; region entities also
 need their camera's. At start, the retained configs under this device's node id are read back
 and those of entities no longer configured (a renamed region) are removed with an empty
-retained config. Object ids of the daemon's own entities start with ``_``, which no camera
-name can, so they never meet a region's.
+retained config, when they name our device (another program may use the same node id).
+Object ids of the daemon's own entities start with ``_``, which no camera name can, and every
+unique id but a region sensor's has a ``.``, which no name can, so none meets a region's.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def _region_configs(settings: Settings, camera: str, roi: str) -> list[tuple[str
     }
     image = {
         "name": f"{camera} {roi} snapshot",
-        "unique_id": f"{unique}_snapshot",
+        "unique_id": f"{unique}.snapshot",
         "image_topic": f"{prefix}/{camera}/{roi}/snapshot",
         "content_type": "image/jpeg",
         **available,
@@ -116,7 +117,7 @@ def _camera_config(settings: Settings, camera: str) -> Config:
     prefix = settings.topic_prefix
     return {
         "name": f"{camera} camera",
-        "unique_id": f"edge_daemon_{settings.device_id}_{camera}_connectivity",
+        "unique_id": f"edge_daemon_{settings.device_id}.{camera}.connectivity",
         "state_topic": f"{prefix}/{camera}/status",
         "payload_on": "online",
         "payload_off": "offline",
@@ -142,7 +143,7 @@ def _diagnostics(settings: Settings, cameras: list[str]) -> list[tuple[str, Conf
             "_inference_ms",
             {
                 "name": "inference time",
-                "unique_id": f"{unique}_inference_ms",
+                "unique_id": f"{unique}.inference_ms",
                 "value_template": "{{ value_json.inference.mean_inference_ms }}",
                 "unit_of_measurement": "ms",
                 "device_class": "duration",
@@ -154,7 +155,7 @@ def _diagnostics(settings: Settings, cameras: list[str]) -> list[tuple[str, Conf
             "_dropped",
             {
                 "name": "messages dropped",
-                "unique_id": f"{unique}_dropped",
+                "unique_id": f"{unique}.dropped",
                 "value_template": "{{ value_json.mqtt.dropped }}",
                 "icon": "mdi:message-alert-outline",
                 **common,
@@ -168,7 +169,7 @@ def _diagnostics(settings: Settings, cameras: list[str]) -> list[tuple[str, Conf
                 f"_fps_{camera}",
                 {
                     "name": f"{camera} frames per second",
-                    "unique_id": f"{unique}_{camera}_fps",
+                    "unique_id": f"{unique}.{camera}.fps",
                     # A camera's entry is absent only if the message is not ours: say unknown.
                     "value_template": (
                         f"{{{{ value_json.cameras['{camera}'].fps "
@@ -188,7 +189,7 @@ def discovery_messages(
 ) -> list[tuple[str, bytes]]:
     """The discovery configs, ``(topic, payload)``, for ``regions`` (camera: ROI names)."""
     device = {
-        "identifiers": [f"edge_daemon_{settings.device_id}"],
+        "identifiers": [device_identifier(settings)],
         "name": f"edge-daemon {settings.device_id}",
         "manufacturer": "edge-daemon",
         "model": f"edge-daemon ({model})",
@@ -242,12 +243,37 @@ def announce(publisher: Publisher, settings: Settings, configs: list[tuple[str, 
     )
 
 
+def device_identifier(settings: Settings) -> str:
+    """How Home Assistant knows this daemon's device."""
+    return f"edge_daemon_{settings.device_id}"
+
+
+def _ours(payload: bytes, identifier: str) -> bool:
+    """True for a config of an entity of our device (another program, ESPHome for one, may
+    use the same node id)."""
+    try:
+        device = json.loads(payload).get("device", {})
+        identifiers = device.get("identifiers", device.get("ids", []))
+    except (ValueError, AttributeError):
+        return False
+    if isinstance(identifiers, str):
+        identifiers = [identifiers]
+    return isinstance(identifiers, list) and identifier in identifiers
+
+
 def remove_stale(
-    publisher: Publisher, configs: list[tuple[str, bytes]], topic: str, payload: bytes
+    publisher: Publisher,
+    settings: Settings,
+    configs: list[tuple[str, bytes]],
+    topic: str,
+    payload: bytes,
 ) -> None:
     """A retained config read back at start: remove it (an empty retained config) when it is
-    not one of ``configs``, so an entity no longer configured disappears from Home Assistant."""
+    one of our device's entities and not one of ``configs``, so an entity no longer configured
+    disappears from Home Assistant. Configs of other devices are never touched."""
     if not payload or topic in {t for t, _ in configs}:
+        return
+    if not _ours(payload, device_identifier(settings)):
         return
     log.info("Home Assistant: removing %s, no longer configured", topic)
     publisher.publish(topic, b"", qos=1, retain=True, keep=True)

@@ -166,6 +166,7 @@ class Daemon:
             self.inference.thread.join(max(0.1, deadline - time.monotonic()))
         for camera in self.cameras:
             camera.stop(timeout=max(0.0, deadline - time.monotonic()))
+        self.states.flush()  # the last change's snapshot, even within its interval
         self.publisher.stop(flush_timeout)
         self.notifier.close()
 
@@ -192,7 +193,14 @@ class Daemon:
                 return
             for camera in self.cameras:
                 camera.check_stalled()
-            if all(c.finished for c in self.cameras) and not self.batcher.pending():
+            # Held states wait for the retained ones to be read back (bounded by the recall's
+            # timeout) before a run whose files have all ended can finish.
+            recalling = self.publisher.recalling and self.publisher.connected
+            if (
+                all(c.finished for c in self.cameras)
+                and not self.batcher.pending()
+                and not recalling
+            ):
                 log.info("every source has ended")
                 break
             now = time.monotonic()
@@ -241,7 +249,9 @@ class Daemon:
     def _recalled_message(self, topic: str, payload: bytes) -> None:
         """A retained message read back at start (on paho's thread)."""
         if self.settings.homeassistant.enabled and homeassistant.is_config(self.settings, topic):
-            homeassistant.remove_stale(self.publisher, self._discovery, topic, payload)
+            homeassistant.remove_stale(
+                self.publisher, self.settings, self._discovery, topic, payload
+            )
         else:
             self.states.restore(topic, payload)
 

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 #: QoS 1/2 messages handed to paho and not yet acknowledged, at most.
 INFLIGHT_WINDOW = 100
+#: Reading back retained messages ends no sooner than this after the broker acknowledged the
+#: subscription (a broker may send them asynchronously).
+RECALL_GRACE_S = 0.3
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +61,11 @@ class Recall:
     timeout: float
     deadline: float = float("inf")
     done: bool = False
+    #: The SUBSCRIBE's message id, and when the broker acknowledged it.
+    mid: int = -1
+    acked_at: float | None = None
+    #: Our own ``online`` came back: every retained message should be here.
+    echoed: bool = False
 
 
 def close_client(client: mqtt.Client, clean: bool = True) -> None:
@@ -116,6 +124,7 @@ class Publisher:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
         self._client.on_connect_fail = self._on_connect_fail
+        self._client.on_subscribe = self._on_subscribe
         #: Topics subscribed to on every connect (``watch``), besides ``cmd``.
         self._watched: list[str] = []
         if inbox is not None:
@@ -200,10 +209,11 @@ class Publisher:
             # a reconnect from here on sends ``offline`` (see _on_connect).
             self._stopping = True
             self._retained[offline.topic] = offline
-            kept = [m for m in self._priority if m.topic != offline.topic]
-            self._queue = collections.deque(m for m in self._queue if m.topic != offline.topic)
-            self._priority.clear()
-            self._priority.extend([offline, *kept])
+            for lane in (self._priority, self._queue):  # in place: others hold these lanes
+                kept = [m for m in lane if m.topic != offline.topic]
+                lane.clear()
+                lane.extend(kept)
+            self._priority.appendleft(offline)
             self._cond.notify_all()
         with self._cond:
             while (self._queue or self._priority or self._pending) and self._connected:
@@ -270,9 +280,18 @@ class Publisher:
 
         ``keep=True`` (states, events, snapshots, replies) puts it in the lane sent first,
         which labels never push out."""
-        message = Message(topic, payload, self.settings.mqtt.qos if qos is None else qos, retain)
-        lane = self._priority if keep else self._queue
+        qos = self.settings.mqtt.qos if qos is None else qos
+        # Kept messages go at least once: a QoS 0 one put back after a broken connection
+        # could land in front of the new connection's ``online``.
+        message = Message(topic, payload, max(qos, 1) if keep else qos, retain)
         with self._cond:
+            lane = self._priority if keep else self._queue
+            if keep and retain:
+                # Only the newest retained message of a topic matters (a snapshot per region
+                # while the broker is away, not one per change).
+                stale = [m for m in lane if m.retain and m.topic == topic]
+                for old in stale:
+                    lane.remove(old)
             if len(lane) >= self.settings.mqtt.queue_size:
                 lane.popleft()
                 self.dropped += 1
@@ -301,8 +320,12 @@ class Publisher:
         then ``on_done()`` once all have arrived, or ``timeout`` seconds after connecting
         (call :meth:`poll_recall` from time to time for that). Call before ``start``.
 
-        The end is known by our own ``online``: it is sent after the subscription, and the
-        broker delivers a client's messages in order, so it arrives after every retained one.
+        The end is known by our own ``online``: it is sent after the subscription, and a
+        broker such as mosquitto delivers the retained messages of a subscription before a
+        message published after it, so it arrives after every retained one. As insurance
+        against brokers that send retained messages asynchronously, the recall ends no sooner
+        than :data:`RECALL_GRACE_S` after the broker acknowledged the subscription. A refused
+        subscription (a broker ACL without read access) ends it at once, with an error.
         """
         self._recall = Recall(filters, on_retained, on_done, timeout)
         for topic in filters:
@@ -310,15 +333,56 @@ class Publisher:
         self._client.message_callback_add(self.topic("status"), self._on_own_status)
 
     def poll_recall(self) -> None:
-        """End a recall whose retained messages did not all arrive in time."""
+        """End a recall whose end has come (after the grace), or whose retained messages did
+        not all arrive in time."""
         recall = self._recall
-        if recall is not None and not recall.done and time.monotonic() > recall.deadline:
-            log.warning(
-                "the broker did not return the retained states in %.0f s: going on without "
-                "them (a state may be announced again as a change)",
+        if recall is None or recall.done:
+            return
+        if self._recall_complete(recall):
+            self._end_recall()
+        elif time.monotonic() > recall.deadline:
+            log.error(
+                "the broker did not return the retained messages on %s in %.0f s: going on "
+                "without them, so a state may be announced again as a change. Give this "
+                "client read access to those topics and to %s",
+                ", ".join(recall.filters),
                 recall.timeout,
+                self.topic("status"),
             )
             self._end_recall()
+
+    @staticmethod
+    def _recall_complete(recall: Recall) -> bool:
+        return (
+            recall.echoed
+            and recall.acked_at is not None
+            and time.monotonic() >= recall.acked_at + RECALL_GRACE_S
+        )
+
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any
+    ) -> None:
+        del client, userdata, properties
+        recall = self._recall
+        if recall is None or recall.done or mid != recall.mid:
+            return
+        refused = [
+            topic
+            for topic, code in zip(
+                [*recall.filters, self.topic("status")], reason_codes, strict=False
+            )
+            if getattr(code, "is_failure", False)
+        ]
+        if refused:
+            log.error(
+                "the broker refused the subscription to %s: going on without the retained "
+                "messages there, so a state may be announced again as a change. Give this "
+                "client read access to it",
+                ", ".join(refused),
+            )
+            self._end_recall()
+            return
+        recall.acked_at = time.monotonic()
 
     @property
     def recalling(self) -> bool:
@@ -337,8 +401,12 @@ class Publisher:
 
     def _on_own_status(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         del client, userdata
-        if not message.retain and bytes(message.payload) == b"online":
-            self._end_recall()
+        recall = self._recall
+        if recall is None or message.retain or bytes(message.payload) != b"online":
+            return
+        recall.echoed = True
+        if self._recall_complete(recall):
+            self._end_recall()  # else poll_recall ends it once the grace has passed
 
     def _end_recall(self) -> None:
         recall = self._recall
@@ -381,7 +449,11 @@ class Publisher:
             # Before ``online`` can be sent (the sender waits for _connected): its echo marks
             # the end of the retained messages.
             recall.deadline = time.monotonic() + recall.timeout
-            self._client.subscribe([(t, 1) for t in [*recall.filters, self.topic("status")]])
+            recall.acked_at, recall.echoed = None, False
+            _, mid = self._client.subscribe(
+                [(t, 1) for t in [*recall.filters, self.topic("status")]]
+            )
+            recall.mid = -1 if mid is None else mid
         with self._cond:
             # State first: the broker must see ``online`` and camera states before labels.
             self._connected = True

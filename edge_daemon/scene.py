@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import cv2
 
@@ -87,10 +86,23 @@ class Region:
     best: float = 0.0
 
 
-def _since(text: Any) -> float:
-    if not isinstance(text, str):
-        raise TypeError("since is not text")
-    return datetime.fromisoformat(text).timestamp()
+def _parse_state(payload: bytes) -> Known | None:
+    """A retained state as this daemon wrote it, or None for anything else (another version,
+    another program, a hand-written message): labels are text or null, the score a number
+    from 0 to 1, ``since`` an ISO time."""
+    try:
+        data = json.loads(payload)
+        label, previous, score, since = (data[k] for k in ("label", "previous", "score", "since"))
+        if not all(v is None or isinstance(v, str) for v in (label, previous)):
+            return None
+        if not isinstance(score, int | float) or isinstance(score, bool) or not 0 <= score <= 1:
+            return None  # NaN and infinity fail the comparison too
+        if not isinstance(since, str) or len(since) > 64:
+            return None
+        when = datetime.fromisoformat(since).timestamp()
+    except (ValueError, TypeError, KeyError, OverflowError):
+        return None
+    return Known(label, when, since, previous, float(score))
 
 
 class StateStage:
@@ -141,19 +153,9 @@ class StateStage:
         key = self._by_topic.get(topic)
         if key is None or not payload:
             return
-        try:
-            data = json.loads(payload)
-            label = data["label"]
-            previous = data.get("previous")
-            known = Known(
-                label=label if isinstance(label, str) else None,
-                since=_since(data["since"]),
-                since_text=data["since"],
-                previous=previous if isinstance(previous, str) else None,
-                best=float(data.get("score") or 0.0),
-            )
-        except (ValueError, TypeError, KeyError, AttributeError):
-            log.debug("%s: the retained state is not ours; ignored", topic)
+        known = _parse_state(payload)
+        if known is None:
+            log.warning("%s: the retained state is not one this daemon wrote; ignored", topic)
             return
         with self._lock:
             region = self.regions[key]
@@ -172,6 +174,17 @@ class StateStage:
                     change, frame, box = region.held
                     region.held = None
                     self._apply(region, change, frame, box)
+
+    def flush(self) -> None:
+        """Send the snapshots still waiting for their interval (at stop: the retained snapshot
+        must show the last state, not the one before)."""
+        with self._lock:
+            due = [(r, r.snapshot) for r in self.regions.values() if r.snapshot is not None]
+            for region, _ in due:
+                region.snapshot = None
+        for region, pending in due:
+            if pending is not None:
+                self._send_snapshot(region, pending)
 
     # --- predictions -----------------------------------------------------------------------
 
@@ -268,8 +281,13 @@ class StateStage:
             "best_score": round(region.best, 6),
             "model": self._model(),
         }
+        try:
+            body = encode(payload)
+        except EncodeError:  # scores are checked finite; never publish what cannot parse
+            log.exception("%s/%s: event not published", region.camera, region.roi)
+            return
         self.events += 1
-        self._publisher.publish(self._publisher.topic("events"), encode(payload), qos=1, keep=True)
+        self._publisher.publish(self._publisher.topic("events"), body, qos=1, keep=True)
 
     # --- snapshots (on the supervisor's thread) ----------------------------------------------
 

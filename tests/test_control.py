@@ -197,9 +197,11 @@ def test_thousands_of_random_and_malformed_commands_never_hurt_the_daemon() -> N
             )
         close_client(client)
     assert len(sent) >= 1000
-    assert control.rejected >= 500
     assert daemon.inbox is not None
     inbox = daemon.inbox
+    # How many the 64-message inbox drops in the flood depends on the machine's load.
+    assert control.rejected >= 100
+    assert control.rejected + inbox.dropped >= 500
     assert control.ok + control.rejected + inbox.dropped + inbox.oversize == inbox.received
     # Bad messages are not echoed back one for one: replies to rejections are rate-limited.
     refusals = [m for m in sub.on("cmd", "result") if m.json()["ok"] is False]

@@ -13,6 +13,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge_daemon.homeassistant import discovery_messages
 from edge_daemon.pipeline import Daemon
 from edge_daemon.publisher import close_client
 from edge_daemon.settings import SAMPLE_CLIP, CameraSettings, Roi
@@ -76,11 +77,16 @@ def test_home_assistant_entities_follow_states_snapshots_status_and_stats(
     expected |= {node.format("binary_sensor", c) for c in ("yard", "gate")}
     diagnostics = ("_inference_ms", "_dropped", "_fps_yard", "_fps_gate")
     expected |= {node.format("sensor", d) for d in diagnostics}
-    # Left behind by an earlier configuration (a region renamed since), and another device's.
+    # Left behind by an earlier configuration (a region renamed since); another device's; and
+    # another program's (ESPHome names its node after the device too).
     stale = node.format("sensor", "yard_old")
     other = f"{discovery}/sensor/otherbox/yard_left/config"
-    publish(stale, b'{"name": "old"}', retain=True)
-    publish(other, b'{"name": "other"}', retain=True)
+    foreign = node.format("sensor", "temperature")
+    publish(stale, b'{"name": "old", "device": {"identifiers": ["edge_daemon_testbox"]}}', True)
+    publish(other, b'{"name": "other", "device": {"identifiers": ["edge_daemon_otherbox"]}}', True)
+    publish(
+        foreign, b'{"name": "temperature", "device": {"identifiers": ["esphome_testbox"]}}', True
+    )
     try:
         with subscriber(discovery) as ha, subscriber(prefix) as sub:
             daemon = Daemon(settings)
@@ -90,7 +96,7 @@ def test_home_assistant_entities_follow_states_snapshots_status_and_stats(
                 assert ha.wait_for(
                     lambda: any(m.topic == stale and not m.payload for m in ha.messages)
                 )
-                assert not [m for m in ha.messages if m.topic == other and not m.payload]
+                assert not [m for m in ha.messages if m.topic in (other, foreign) and not m.payload]
                 assert sub.wait_for(lambda: len(sub.on("stats")) >= 2)
                 assert sub.wait_for(lambda: all(sub.on(*r.split("_"), "snapshot") for r in regions))
                 # Home Assistant restarts and says so: every config comes again.
@@ -107,9 +113,9 @@ def test_home_assistant_entities_follow_states_snapshots_status_and_stats(
                 assert len(configs(ha)) - before <= allowed * len(expected)
             # The configs stay on the broker for a Home Assistant that subscribes later.
             with subscriber(discovery) as later:
-                assert later.wait_for(lambda: len(configs(later)) == len(expected) + 1)
+                assert later.wait_for(lambda: len(configs(later)) == len(expected) + 2)
                 assert all(m.retain for m in configs(later))
-            found = {m.topic: m.json() for m in configs(later) if m.topic != other}
+            found = {m.topic: m.json() for m in configs(later) if m.topic not in (other, foreign)}
             assert set(found) == expected
             assert len({c["unique_id"] for c in found.values()}) == len(expected)
             for topic, config in found.items():
@@ -129,7 +135,7 @@ def test_home_assistant_entities_follow_states_snapshots_status_and_stats(
             assert sub.on("status")[-1].payload == b"offline"  # after the clean stop
             assert sub.on("gate", "status")[-1].payload == b"offline"
     finally:
-        for topic in (*expected, stale, other):  # leave the shared broker as it was
+        for topic in (*expected, stale, other, foreign):  # leave the shared broker as it was
             publish(topic, b"", retain=True)
 
 
@@ -244,3 +250,19 @@ def test_a_retained_birth_is_old_news(tmp_path: Path) -> None:
         publish(f"{discovery}/status", b"", retain=True)
         for topic, _ in daemon._discovery:
             publish(topic, b"", retain=True)
+
+
+def test_no_two_entities_share_a_unique_id_whatever_the_names() -> None:
+    """Regions named like the daemon's own entities (fps, connectivity, snapshot)."""
+    settings = settings_for(
+        unique_prefix(),
+        cameras={
+            "yard": {"source": "x.mp4", "rois": {"fps": "0,0,1,1", "x_snapshot": "0,0,1,1"}},
+            "inference": {"source": "x.mp4", "rois": {"ms": "0,0,1,1"}},
+            "gate": {"source": "x.mp4", "rois": {"connectivity": "0,0,1,1", "x": "0,0,1,1"}},
+        },
+        homeassistant={"enabled": True},
+    )
+    regions = {name: list(camera.rois) for name, camera in settings.cameras.items()}
+    ids = [json.loads(p)["unique_id"] for _, p in discovery_messages(settings, regions, "m")]
+    assert len(ids) == len(set(ids)) == 5 * 2 + 3 + 2 + 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -16,10 +17,12 @@ import jsonschema
 import numpy as np
 import pytest
 
+from edge_daemon.broker import start_mosquitto
 from edge_daemon.engine import Engine, load_engine
 from edge_daemon.homeassistant import ATTRIBUTES_TEMPLATE, STATE_TEMPLATE
 from edge_daemon.pipeline import Daemon
 from edge_daemon.preprocess import Image, as_image
+from edge_daemon.scene import _parse_state
 from edge_daemon.settings import SAMPLE_CLIP, CameraSettings, Roi, sample_camera_rois
 from edge_daemon.state import Observation, Thresholds, Tracker
 from edge_daemon.state_settings import RegionStateSettings, StateSettings
@@ -245,6 +248,7 @@ def test_one_state_per_real_change_none_for_a_glitch_with_paired_events_and_snap
     # Each within CONFIRM + 2 frames of the true change, and never before it.
     lags = [s["frame"] - start for s, start in zip(states, _true_changes(), strict=True)]
     assert all(CONFIRM - 1 <= lag <= CONFIRM + 1 for lag in lags), lags
+    print(f"states {len(states)} for {len(SEGMENTS)} segments, lags {lags} frames")
     assert all(m.retain is False for m in sub.on("cam", "digit", "state"))  # live, not replayed
     # Per-frame labels are off: none at all.
     assert sub.on("cam", "digit", "label") == []
@@ -337,7 +341,7 @@ def test_a_restart_republishes_the_state_without_a_false_change(steady: Path, cl
 
 
 def test_states_and_events_are_never_pushed_out_by_a_flood_of_labels(clip: Path) -> None:
-    """A queue of 20 messages, a broker away: labels are dropped, states are kept."""
+    """A queue of 20 messages, a broker away: labels are dropped, states and events kept."""
     prefix = unique_prefix()
     settings = _settings(
         prefix, clip, mqtt={"port": 1, "queue_size": 20}, snapshots={"enabled": False}
@@ -350,8 +354,10 @@ def test_states_and_events_are_never_pushed_out_by_a_flood_of_labels(clip: Path)
         kept = list(daemon.publisher._priority)
     assert daemon.publisher.dropped > 0
     topics = [m.topic.removeprefix(prefix + "/") for m in kept]
-    assert topics.count("cam/digit/state") == len(TRUE_STATES)
+    # Every event, and the region's newest state (retained: only the newest matters).
     assert topics.count("events") == 8
+    (state,) = [m for m in kept if m.topic.endswith("/state")]
+    assert json.loads(state.payload)["label"] is None
 
 
 def test_a_region_of_another_name_in_state_settings_is_refused() -> None:
@@ -362,3 +368,63 @@ def test_a_region_of_another_name_in_state_settings_is_refused() -> None:
         )
     region = RegionStateSettings.model_validate({"ignore": "a, B"})
     assert region.ignore == ("a", "b")
+
+
+def test_a_retained_state_this_daemon_did_not_write_is_ignored() -> None:
+    since = "2026-11-29T10:00:00.000+00:00"
+    good = {"label": "7", "previous": None, "score": 0.9, "since": since}
+    assert _parse_state(json.dumps(good).encode()) is not None
+    for bad in [
+        b'{"label": "7", "previous": null, "score": NaN, "since": "%s"}' % since.encode(),
+        b'{"label": "7", "previous": null, "score": Infinity, "since": "%s"}' % since.encode(),
+        json.dumps({**good, "score": "nan"}).encode(),
+        json.dumps({**good, "score": True}).encode(),
+        json.dumps({**good, "score": 1.5}).encode(),
+        json.dumps({**good, "label": 7}).encode(),
+        json.dumps({**good, "since": "yesterday"}).encode(),
+        json.dumps({k: v for k, v in good.items() if k != "since"}).encode(),
+        b"[1, 2]",
+        b"\xff\xfe",
+    ]:
+        assert _parse_state(bad) is None, bad
+
+
+def test_a_broker_that_lets_the_daemon_write_but_not_read_still_gets_its_states(
+    steady: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A write-only ACL: no retained state can be read back. The daemon says so, once, as an
+    error, and goes on: its states are published after the recall gives up."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic write test/#\n")
+    with start_mosquitto(extra_config=f"acl_file {acl}\n") as broker:
+        prefix = unique_prefix()
+        settings = _settings(prefix, steady, mqtt={"port": broker.port})
+        daemon = Daemon(settings)
+        with caplog.at_level(logging.ERROR), running(daemon):
+            assert wait_until(lambda: daemon.states.changes == 1, timeout=15)
+            assert wait_until(lambda: daemon.publisher.queued == 0, timeout=5)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    assert "read access" in errors[0]
+
+
+def test_snapshots_are_bounded_per_region_and_the_last_change_is_shown_at_stop(
+    clip: Path,
+) -> None:
+    """One snapshot per 10 minutes at most: the first change's at once, the rest held; the stop
+    sends the newest held one, so the retained snapshot matches the retained state."""
+    prefix = unique_prefix()
+    with subscriber(prefix, topics=("+/+/snapshot",)) as sub:
+        daemon = _run(_settings(prefix, clip, snapshots={"min_interval_s": 600}), sub)
+        assert sub.wait_for(lambda: len(sub.messages) >= 2)
+    first, last = (m.payload for m in sub.messages)
+    x, y, _, h = Roi.parse(sample_camera_rois()["digit"]).box(320, 240)
+
+    def box_colour(jpeg: bytes) -> list[int]:
+        image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+        assert image is not None
+        return [int(v) for v in image[y + h // 2, x - 2 : x + 3].astype(int).max(axis=0)]
+
+    assert box_colour(first)[1] - box_colour(first)[0] > 80  # green: 7 recognised
+    assert abs(box_colour(last)[1] - box_colour(last)[0]) < 40  # grey: nothing, the last state
+    assert daemon.states.snapshots == 2
