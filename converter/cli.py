@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from pathlib import Path
 from converter import __version__
 from converter.errors import GateFailedError, InputMissingError
 from edge_daemon.errors import EdgeDaemonError
+from edge_daemon.fields import fraction
 
 log = logging.getLogger("edge_convert")
 
@@ -108,10 +110,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     quant.add_argument(
         "--max-accuracy-drop",
-        type=float,
+        type=_points,
         default=1.0,
         metavar="POINTS",
-        help="fail, writing nothing, when accuracy drops by more (default: 1.0)",
+        help="fail, writing no model (only NAME.failed.report.md), when accuracy drops by "
+        "more (default: 1.0)",
     )
     quant.add_argument(
         "--edgetpu",
@@ -128,8 +131,10 @@ def _parser() -> argparse.ArgumentParser:
         choices=("gray", "rgb", "bgr"),
         help="the model's colour order (default: from the training record)",
     )
-    quant.add_argument("--scale", type=float, help="input = pixel * SCALE + OFFSET")
-    quant.add_argument("--offset", type=float)
+    quant.add_argument(
+        "--scale", type=_number, help="input = pixel * SCALE + OFFSET (e.g. 1/127.5)"
+    )
+    quant.add_argument("--offset", type=_number, help="e.g. -1 with --scale 1/127.5")
 
     report = sub.add_parser("report", help="print a converted model's report")
     report.add_argument("manifest", type=Path, help="NAME.json or NAME.tflite")
@@ -153,6 +158,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("model", type=Path, help="a .tflite file")
     return parser
+
+
+def _number(text: str) -> float:
+    """A finite number, or a fraction such as ``1/127.5``."""
+    try:
+        value = float(fraction(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError("give a finite number or a fraction such as 1/127.5")
+    return value
+
+
+def _points(text: str) -> float:
+    """Accuracy points from 0 to 100."""
+    value = _number(text)
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError("give points from 0 to 100")
+    return value
 
 
 def _setup_logging(debug: bool) -> None:
@@ -219,12 +243,25 @@ def _quantize(args: argparse.Namespace) -> int:
     result = quantize(opts)
     acc = result.manifest.accuracy
     assert acc is not None
-    print(
-        f"{result.manifest.quantization_mode}: accuracy {acc.float_accuracy * 100:.2f}% float "
-        f"-> {acc.quantized_accuracy * 100:.2f}% converted ({acc.accuracy_drop_points:.2f} "
-        f"points lost; gate {opts.max_accuracy_drop}) on {acc.heldout_samples} held-out "
-        f"images; top-1 agreement {acc.top1_agreement * 100:.2f}%"
-    )
+    low_f, high_f = result.evaluation.float_interval
+    low_q, high_q = result.evaluation.quantized_interval
+    if acc.float_accuracy is None or acc.quantized_accuracy is None:
+        print(
+            f"{result.manifest.quantization_mode}: top-1 agreement "
+            f"{acc.top1_agreement * 100:.2f}% (95% interval {low_q * 100:.1f}-"
+            f"{high_q * 100:.1f}) with the float model on {acc.heldout_samples} unlabelled "
+            f"held-out images (gate {opts.max_accuracy_drop} points of disagreement); no "
+            "labels, so no accuracy was measured"
+        )
+    else:
+        print(
+            f"{result.manifest.quantization_mode}: accuracy {acc.float_accuracy * 100:.2f}% "
+            f"float (95% interval {low_f * 100:.1f}-{high_f * 100:.1f}) -> "
+            f"{acc.quantized_accuracy * 100:.2f}% converted ({low_q * 100:.1f}-"
+            f"{high_q * 100:.1f}); {result.evaluation.drop_points:.2f} points lost (gate "
+            f"{opts.max_accuracy_drop}) on {acc.heldout_samples} held-out images; top-1 "
+            f"agreement {acc.top1_agreement * 100:.2f}%"
+        )
     print(
         f"size {acc.tflite_size_bytes / 1024:.1f} KiB "
         f"({acc.tflite_size_bytes / acc.float_size_bytes * 100:.1f}% of float32 "

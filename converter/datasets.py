@@ -9,6 +9,7 @@ digits), a folder with one sub-folder of images per class, or an ``.npz`` with `
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import numpy.typing as npt
 
 from converter.errors import BadInputError, InputMissingError
 from edge_daemon.preprocess import Image, as_image
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 
@@ -30,6 +33,14 @@ class Dataset:
     images: list[Image]
     labels: npt.NDArray[np.int64]
     classes: tuple[str, ...]
+    #: True when only the class names mean anything (a folder's sub-folders, indexed in
+    #: alphabetical order): a model's outputs must then be matched to them by name.
+    by_name: bool = False
+    #: False for a folder of images without class sub-folders: good for calibration, and for
+    #: checking a converted model against the float one (teacher mode), never for accuracy.
+    labelled: bool = True
+    #: True when ``classes`` are real names (an .npz's ``labels``, the digits), not made up.
+    named: bool = True
 
     @property
     def channels(self) -> int:
@@ -39,8 +50,41 @@ class Dataset:
     def subset(self, indices: npt.NDArray[np.int64]) -> Dataset:
         """The images and labels at ``indices``."""
         return Dataset(
-            self.name, [self.images[i] for i in indices], self.labels[indices], self.classes
+            self.name,
+            [self.images[i] for i in indices],
+            self.labels[indices],
+            self.classes,
+            self.by_name,
+            self.labelled,
+            self.named,
         )
+
+    def aligned(self, labels: tuple[str, ...], source: str) -> Dataset:
+        """The same images, their classes renumbered to a model's output order ``labels``
+        (from ``source``), matched by name; unchanged when the names do not all match and the
+        dataset's indices mean something (an .npz's ``y``, the digits)."""
+        if self.classes == labels or not self.labelled:
+            return self
+        missing = [c for c in self.classes if c not in labels]
+        if missing:
+            shared = len(missing) < len(self.classes)
+            if not self.by_name and not (self.named and shared):
+                return self  # indices into the model's outputs, as the dataset says
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise BadInputError(
+                f"dataset classes {shown} are not among the model's labels in {source} "
+                f"({', '.join(labels[:10])}{' ...' if len(labels) > 10 else ''}): rename the "
+                "folders to the labels, or give the right --labels"
+            )
+        where = np.array([labels.index(c) for c in self.classes], dtype=np.int64)
+        return Dataset(self.name, self.images, where[self.labels], labels, False)
+
+    @property
+    def majority(self) -> float:
+        """The share of the most common class: what always guessing it scores."""
+        if not len(self.labels):
+            return 0.0
+        return float(np.bincount(self.labels[self.labels >= 0]).max(initial=0)) / len(self)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -57,7 +101,8 @@ def load_dataset(spec: str) -> Dataset:
             "sub-folder of images per class, or an .npz file with x and y"
         )
     dataset = _folder(path) if path.is_dir() else _npz(path)
-    _check(dataset, spec)
+    if dataset.labelled:
+        _check(dataset, spec)
     return dataset
 
 
@@ -94,10 +139,21 @@ def _folder(path: Path) -> Dataset:
                 )
             images.append(_as_frame(image, str(file)))
             labels.append(index)
+    labelled = bool(images)
+    if not images:  # images straight in the folder: unlabelled (calibration, teacher mode)
+        for file in sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES):
+            image = cv2.imread(str(file), cv2.IMREAD_UNCHANGED)
+            if image is None:
+                raise BadInputError(
+                    f"cannot decode image {file}: remove it or replace it with a PNG or JPEG file"
+                )
+            images.append(_as_frame(image, str(file)))
+            labels.append(-1)
     if not images:
         raise BadInputError(
             f"dataset folder {path} has no images: put one sub-folder of images "
-            "(PNG, JPEG, ...) per class inside it"
+            "(PNG, JPEG, ...) per class inside it, or, to calibrate and check a model "
+            "without labels, the images themselves"
         )
     gray = {img.ndim == 2 for img in images}
     if len(gray) > 1:
@@ -105,7 +161,14 @@ def _folder(path: Path) -> Dataset:
         images = [
             as_image(cv2.cvtColor(i, cv2.COLOR_GRAY2BGR)) if i.ndim == 2 else i for i in images
         ]
-    return Dataset(path.name, images, np.asarray(labels, dtype=np.int64), tuple(classes))
+    return Dataset(
+        path.name,
+        images,
+        np.asarray(labels, dtype=np.int64),
+        tuple(classes),
+        by_name=labelled,
+        labelled=labelled,
+    )
 
 
 def _as_frame(decoded: npt.NDArray[np.generic], where: str) -> Image:
@@ -160,7 +223,7 @@ def _npz(path: Path) -> Dataset:
     classes = tuple(str(n) for n in names) if names is not None else tuple(map(str, range(count)))
     if int(y.min(initial=0)) < 0 or count > len(classes):
         raise BadInputError(f"{path}: y holds class indices outside 0..{len(classes) - 1}")
-    return Dataset(path.stem, images, y.astype(np.int64), classes)
+    return Dataset(path.stem, images, y.astype(np.int64), classes, named=names is not None)
 
 
 def _check(dataset: Dataset, spec: str) -> None:
@@ -173,13 +236,18 @@ def _check(dataset: Dataset, spec: str) -> None:
 
 
 def check_fits(dataset: Dataset, channels: int, classes: int, model: str) -> None:
-    """Raise :class:`BadInputError` unless images and labels fit the model's input and output."""
+    """Raise :class:`BadInputError` unless the labels fit the model's output. Gray images for
+    a colour model, or colour ones for a gray model, are converted as the daemon converts a
+    camera's frames (a gray scene arrives as equal red, green and blue)."""
     if dataset.channels != channels:
         kind = {1: "gray", 3: "colour"}
-        raise BadInputError(
-            f"dataset {dataset.name} has {kind[dataset.channels]} images but {model} "
-            f"takes {kind.get(channels, str(channels))} input ({channels} channel(s)): "
-            "use a dataset of the kind the model was trained on"
+        log.info(
+            "dataset %s has %s images and %s takes %s input: converting them as the daemon "
+            "converts camera frames",
+            dataset.name,
+            kind[dataset.channels],
+            model,
+            kind.get(channels, f"{channels}-channel"),
         )
     top = int(dataset.labels.max())
     if top >= classes:

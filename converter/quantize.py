@@ -96,11 +96,11 @@ def native_stderr_to_log() -> Iterator[None]:
             log.debug("native output: %s", sink.read().decode("utf-8", "replace"))
 
 
-def calibration_set(
-    images: npt.NDArray[np.float32], count: int, seed: int
-) -> npt.NDArray[np.float32]:
-    """``count`` samples drawn without replacement, seeded, from preprocessed training images."""
-    if count <= 0 or len(images) <= count:
-        return images
+def calibration_indices(available: int, count: int, seed: int) -> npt.NDArray[np.int64]:
+    """Which of ``available`` training images calibrate: ``count`` drawn without replacement,
+    seeded (all of them when there are no more). Only those are then preprocessed, so a large
+    dataset at a large input size never sits in memory as float32 whole."""
+    if count <= 0 or available <= count:
+        return np.arange(available, dtype=np.int64)
     rng = np.random.default_rng(seed)
-    return images[np.sort(rng.choice(len(images), size=count, replace=False))]
+    return np.sort(rng.choice(available, size=count, replace=False)).astype(np.int64)

@@ -25,7 +25,30 @@ def markdown(
     acc = manifest.accuracy
     assert acc is not None
     float_pc, tflite_pc = evaluation.per_class(len(manifest.labels))
-    verdict = "passed" if acc.accuracy_drop_points <= max_drop else "FAILED"
+    verdict = "passed" if evaluation.drop_points <= max_drop else "FAILED"
+    if evaluation.teacher:
+        measured = [
+            f"| top-1 agreement with the float model on {acc.heldout_samples} unlabelled "
+            f"images | (reference) | {_pct(acc.top1_agreement)} |",
+            f"| its 95% interval (Wilson) | | {_interval(evaluation.quantized_interval)} |",
+        ]
+        summary = (
+            "No labels (teacher mode): the converted model was checked against the float "
+            "model's own answers, so this measures agreement, not accuracy. Disagreement: "
+            f"{evaluation.drop_points:.2f} points (gate: at most {max_drop:.2f}): **{verdict}**."
+        )
+    else:
+        measured = [
+            f"| accuracy on {acc.heldout_samples} held-out images "
+            f"| {_pct(evaluation.float_accuracy)} | {_pct(evaluation.quantized_accuracy)} |",
+            f"| its 95% interval (Wilson) | {_interval(evaluation.float_interval)} "
+            f"| {_interval(evaluation.quantized_interval)} |",
+        ]
+        summary = (
+            f"Top-1 agreement between the two: {_pct(acc.top1_agreement)}. "
+            f"Accuracy drop: {evaluation.drop_points:.2f} points "
+            f"(gate: at most {max_drop:.2f}): **{verdict}**."
+        )
     lines = [
         f"# {manifest.name}: {manifest.quantization_mode} conversion report",
         "",
@@ -35,16 +58,13 @@ def markdown(
         "",
         "| figure | float (Keras) | converted (TFLite) |",
         "| --- | --- | --- |",
-        f"| accuracy on {acc.heldout_samples} held-out images | {_pct(acc.float_accuracy)} "
-        f"| {_pct(acc.quantized_accuracy)} |",
+        *measured,
         f"| model size | {_size(acc.float_size_bytes)} | {_size(acc.tflite_size_bytes)} "
         f"({acc.tflite_size_bytes / max(acc.float_size_bytes, 1) * 100:.1f}% of float32) |",
         f"| mean latency per image, batch 1, this machine | {acc.float_latency_ms:.3f} ms "
         f"| {acc.tflite_latency_ms:.3f} ms |",
         "",
-        f"Top-1 agreement between the two: {_pct(acc.top1_agreement)}. "
-        f"Accuracy drop: {acc.accuracy_drop_points:.2f} points "
-        f"(gate: at most {max_drop:.2f}): **{verdict}**.",
+        summary,
         "",
         f"Input {manifest.input.height}x{manifest.input.width}x{manifest.input.channels} "
         f"{manifest.input.colour} {manifest.input.dtype}"
@@ -65,13 +85,27 @@ def markdown(
         "",
         "## Per class",
         "",
-        "| class | float | converted |",
-        "| --- | --- | --- |",
     ]
-    for label, f_acc, q_acc in zip(manifest.labels, float_pc, tflite_pc, strict=True):
-        lines.append(f"| {label} | {_pct(f_acc)} | {_pct(q_acc)} |")
+    if evaluation.teacher:
+        lines += [
+            "| class, as the float model reads it | converted model agrees |",
+            "| --- | --- |",
+        ]
+        lines += [
+            f"| {lab} | {_pct(q)} |" for lab, q in zip(manifest.labels, tflite_pc, strict=True)
+        ]
+    else:
+        lines += ["| class | float | converted |", "| --- | --- | --- |"]
+        lines += [
+            f"| {label} | {_pct(f_acc)} | {_pct(q_acc)} |"
+            for label, f_acc, q_acc in zip(manifest.labels, float_pc, tflite_pc, strict=True)
+        ]
     lines += ["", f"![per-class accuracy and confusion matrix]({png_name})", ""]
     return "\n".join(lines)
+
+
+def _interval(bounds: tuple[float, float]) -> str:
+    return f"{bounds[0] * 100:.1f}% to {bounds[1] * 100:.1f}%"
 
 
 def figure_png(manifest: ModelManifest, evaluation: Evaluation) -> bytes:
@@ -95,15 +129,18 @@ def figure_png(manifest: ModelManifest, evaluation: Evaluation) -> bytes:
     )
     bars.set_xticks(list(xs), labels, rotation=45 if n > 12 else 0)
     bars.set_ylim(0, 105)
-    bars.set_ylabel("held-out accuracy (%)")
-    bars.set_title("Per-class accuracy")
+    teacher = evaluation.teacher
+    bars.set_ylabel("agreement with the float model (%)" if teacher else "held-out accuracy (%)")
+    bars.set_title(
+        "Per class, as the float model reads it (no labels)" if teacher else "Per-class accuracy"
+    )
     bars.legend(loc="lower right")
     matrix = evaluation.confusion(n)
     image = conf.imshow(matrix, cmap="Blues")
     conf.set_xticks(list(xs), labels, rotation=45 if n > 12 else 0)
     conf.set_yticks(list(xs), labels)
     conf.set_xlabel("predicted")
-    conf.set_ylabel("true")
+    conf.set_ylabel("float model's answer" if teacher else "true")
     conf.set_title(f"Confusion matrix ({manifest.quantization_mode})")
     if n <= 20:
         top = matrix.max(initial=1)

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import io
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,3 +141,42 @@ def _wrap_saved_model(path: Path) -> Any:
     if isinstance(out, dict):
         out = next(iter(out.values()))
     return keras.Model(inp, out, name=path.name)
+
+
+def _layers(model: Any) -> list[Any]:
+    """Every layer in order, nested models opened (a Keras application inside a Sequential)."""
+    out = []
+    for layer in getattr(model, "layers", []):
+        out.append(layer)
+        if getattr(layer, "layers", None):
+            out += _layers(layer)
+    return out
+
+
+#: Names Keras gives its MobileNet applications (``mobilenetv2_0.35_96``): they want [-1, 1].
+#: MobileNetV3 and EfficientNet carry a Rescaling layer of their own instead.
+KERAS_MOBILENET = re.compile(r"^mobilenet(v2)?_\d\.\d+_\d+$")
+
+
+def expected_scaling(model: Any) -> tuple[float, float, str] | None:
+    """``(scale, offset, why)`` of the input a model says it wants, where it says so.
+
+    A ``Rescaling`` layer of 1/255 or 1/127.5 before the first convolution or dense layer
+    means the model scales pixels itself: it wants them as they are (0 to 255). A Keras
+    MobileNet application (by the name Keras gives it, inside the model) wants
+    ``pixel / 127.5 - 1``. None when nothing says.
+    """
+    for layer in _layers(model):
+        kind = type(layer).__name__
+        if kind == "Rescaling":
+            factor = float(np.ravel(getattr(layer, "scale", 0.0))[0])
+            if any(abs(factor - f) < 1e-6 for f in (1 / 255, 1 / 127.5)):
+                return 1.0, 0.0, f"its Rescaling layer {layer.name!r} scales 0-255 pixels itself"
+            return None
+        if kind.startswith(("Conv", "Dense", "DepthwiseConv", "SeparableConv")):
+            break
+    for layer in [model, *_layers(model)]:
+        name = str(getattr(layer, "name", ""))
+        if KERAS_MOBILENET.match(name):
+            return 1.0 / 127.5, -1.0, f"{name!r} is a Keras MobileNet, which wants [-1, 1]"
+    return None

@@ -129,6 +129,11 @@ def train(
         raise BadInputError(f"--holdout {holdout} is not a fraction: give a value between 0 and 1")
     if epochs < 1 or input_size < 8:
         raise BadInputError("--epochs must be at least 1 and --input-size at least 8")
+    if not dataset.labelled:
+        raise BadInputError(
+            f"dataset {spec} has images but no classes: training needs one sub-folder of "
+            "images per class (an unlabelled folder can calibrate 'edge-convert quantize')"
+        )
     keras.utils.set_random_seed(seed)
     split = make_split(dataset, spec, seed, holdout)
     in_spec = float_input_spec(input_size, dataset.channels)
@@ -170,6 +175,7 @@ def train(
         epochs=epochs,
         history={k: [float(v) for v in vals] for k, vals in history.history.items()},
         augment_copies=augment_copies,
+        labels=dataset.classes,
     )
     accuracy = float(history.history["accuracy"][-1])
     return TrainResult(model_path, labels_path, record_path, accuracy, epochs)
@@ -183,10 +189,13 @@ def write_record(
     epochs: int,
     history: dict[str, list[float]],
     augment_copies: int,
+    labels: tuple[str, ...],
 ) -> None:
-    """Save how a model was trained: the split (held-out indices), input spec and history."""
+    """Save how a model was trained: the split (held-out indices), input spec, the output
+    order (``labels``) and history."""
     record = {
         "dataset": split.dataset,
+        "labels": list(labels),
         "seed": split.seed,
         "holdout": split.holdout,
         "count": split.count,

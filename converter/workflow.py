@@ -1,7 +1,8 @@
 """``edge-convert quantize`` from end to end: convert, evaluate, gate, report, then publish.
 
 Every output is first written under a temporary name in the output folder; only when the gate
-passes are they renamed into place, the manifest last, so a failed run leaves nothing behind.
+passes are they renamed into place, the manifest last, so a failed run leaves no model or
+manifest behind (a failed gate leaves its report, ``NAME.failed.report.md``, to read).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from converter.datasets import Dataset, check_fits, load_dataset, make_split
 from converter.edgetpu import INSTALL_COMPILER, compile_model
 from converter.errors import BadInputError, GateFailedError, ToolMissingError
 from converter.evaluate import Evaluation, evaluate
-from converter.quantize import IoType, calibration_set, convert, native_stderr_to_log
+from converter.gate import gate_advice, small_heldout_warning, suspicious, trained_accuracy
+from converter.labels import labels_for, same_dataset
+from converter.quantize import IoType, calibration_indices, convert, native_stderr_to_log
 from converter.report import figure_png, markdown, report_paths
-from converter.source import SourceModel, load_source
+from converter.source import SourceModel, expected_scaling, load_source
 from converter.train import read_record, record_path_for, split_from_record
 from edge_daemon.engine import Engine
 from edge_daemon.manifest import (
@@ -30,7 +33,6 @@ from edge_daemon.manifest import (
     ModelManifest,
     OutputSpec,
     QuantizationMode,
-    read_labels,
     write_atomic,
 )
 from edge_daemon.manifest import (
@@ -105,31 +107,39 @@ class _Staging:
         self.pending.clear()
 
 
-def _labels_for(opts: QuantizeOptions, source: SourceModel, dataset: Dataset) -> tuple[str, ...]:
-    path = opts.labels or source.path.parent / "labels.txt"
-    labels = read_labels(path) if path.is_file() or opts.labels is not None else dataset.classes
-    if len(labels) != source.classes:
-        raise BadInputError(
-            f"{len(labels)} labels in {path} for the {source.classes} outputs of "
-            f"{source.model.name}: give a labels file with one line per output "
-            "(--labels)"
-        )
-    return labels
-
-
 def _float_spec(
     opts: QuantizeOptions, source: SourceModel, record: dict[str, object] | None
 ) -> InputSpec:
     base = InputSpec.model_validate(record["input"]) if record and "input" in record else None
     colour = opts.colour or (base.colour if base else ("gray" if source.channels == 1 else "rgb"))
+    scale, offset = (base.scale, base.offset) if base else (1.0 / 255.0, 0.0)
+    if base is None and opts.scale is None:
+        # Nothing the user or our training said: read what the model itself says.
+        expected = expected_scaling(source.model)
+        if expected is not None:
+            scale, offset, why = expected
+            log.info(
+                "input = pixel * %.6g %+.6g: %s (--scale and --offset override it)",
+                scale,
+                offset,
+                why,
+            )
+        else:
+            log.warning(
+                "edge-convert: warning: nothing says what input range %s expects (no training "
+                "record, no Rescaling layer): assuming pixel / 255 (0 to 1). A model trained "
+                "on another range converts and passes the gate with the wrong input, so pass "
+                "--scale and --offset (for [-1, 1]: --scale 1/127.5 --offset -1)",
+                source.path.name,
+            )
     return InputSpec(
         height=source.height,
         width=source.width,
         channels=source.channels,  # type: ignore[arg-type]
         colour=colour,
         dtype="float32",
-        scale=opts.scale if opts.scale is not None else (base.scale if base else 1.0 / 255.0),
-        offset=opts.offset if opts.offset is not None else (base.offset if base else 0.0),
+        scale=opts.scale if opts.scale is not None else scale,
+        offset=opts.offset if opts.offset is not None else offset,
     )
 
 
@@ -161,23 +171,38 @@ def quantize(opts: QuantizeOptions) -> QuantizeResult:
             f"record {record_path} beside the model)"
         )
     dataset = load_dataset(spec)
+    labels, origin = labels_for(
+        source,
+        dataset,
+        labels_file=opts.labels,
+        dataset_spec=opts.dataset,
+        record=record,
+        record_path=record_path,
+    )
+    dataset = dataset.aligned(labels, origin)
     check_fits(dataset, source.channels, source.classes, str(opts.model))
-    if record is not None and spec == record["dataset"]:
+    if record is not None and same_dataset(spec, str(record["dataset"])):
         split = split_from_record(record, dataset, record_path)
     else:
         split = make_split(dataset, spec, opts.seed, opts.holdout)
-    labels = _labels_for(opts, source, dataset)
+    if len(split.heldout) == 0:
+        raise BadInputError(
+            f"dataset {spec} leaves no image to hold out for the accuracy check "
+            f"({len(dataset)} images): give more images, or a larger --holdout"
+        )
     float_spec = _float_spec(opts, source, record)
     name = opts.name or opts.model.name.split(".")[0]
     output = opts.output or opts.model.parent
     output.mkdir(parents=True, exist_ok=True)
 
     training = dataset.subset(split.train)
-    calibration = calibration_set(
-        preprocess_batch(training.images, float_spec).astype(np.float32),
-        opts.calibration_samples,
-        opts.seed,
-    )
+    if opts.mode == "int8":
+        picked = calibration_indices(len(training), opts.calibration_samples, opts.seed)
+        calibration = preprocess_batch([training.images[i] for i in picked], float_spec).astype(
+            np.float32
+        )
+    else:  # only full integer quantisation calibrates
+        calibration = np.empty((0,), dtype=np.float32)
     log.info(
         "converting %s to %s (%d calibration images from the training part)",
         opts.model,
@@ -199,6 +224,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeResult:
             output=output,
             flatbuffer=flatbuffer,
             staging=staging,
+            trained=trained_accuracy(record),
         )
     except BaseException:
         staging.discard()
@@ -217,6 +243,7 @@ def _evaluate_and_publish(
     output: Path,
     flatbuffer: bytes,
     staging: _Staging,
+    trained: float | None,
 ) -> QuantizeResult:
     model_file = output / f"{name}.tflite"
     tmp_model = staging.write(model_file, flatbuffer)
@@ -243,37 +270,33 @@ def _evaluate_and_publish(
     )
     with native_stderr_to_log():
         engine = Engine(tmp_model, manifest=manifest, verify=False)
+    log.info(
+        "evaluating the float and the converted model on %d held-out images%s",
+        len(heldout),
+        " (no labels: the converted model is checked against the float one)"
+        if not heldout.labelled
+        else "",
+    )
     evaluation = evaluate(source, float_spec, engine, heldout)
-    float_size = len(flatbuffer) if opts.mode == "float32" else _float32_size(source)
+    warnings = [
+        w
+        for w in (
+            None
+            if evaluation.teacher
+            else suspicious(evaluation, source.classes, heldout, trained),
+            small_heldout_warning(evaluation, opts.max_accuracy_drop),
+        )
+        if w is not None
+    ]
+    for warning in warnings:
+        log.warning("edge-convert: warning: %s", warning)
     manifest = manifest.model_copy(
-        update={
-            "accuracy": AccuracyReport(
-                heldout_samples=len(heldout),
-                float_accuracy=evaluation.float_accuracy,
-                quantized_accuracy=evaluation.quantized_accuracy,
-                top1_agreement=evaluation.agreement,
-                accuracy_drop_points=round(evaluation.drop_points, 4),
-                float_size_bytes=float_size,
-                tflite_size_bytes=len(flatbuffer),
-                float_latency_ms=round(evaluation.float_latency_ms, 4),
-                tflite_latency_ms=round(evaluation.tflite_latency_ms, 4),
-            )
-        }
+        update={"accuracy": _accuracy(opts, source, evaluation, len(flatbuffer))}
     )
     md_path, png_path = report_paths(output, name)
-    staging.write(
-        md_path,
-        markdown(manifest, evaluation, opts.max_accuracy_drop, png_path.name).encode("utf-8"),
-    )
+    report = _report_or_fail(opts, manifest, evaluation, output, name, warnings=warnings)
+    staging.write(md_path, report.encode("utf-8"))
     staging.write(png_path, figure_png(manifest, evaluation))
-    if evaluation.drop_points > opts.max_accuracy_drop:
-        raise GateFailedError(
-            f"{opts.mode} conversion lost {evaluation.drop_points:.2f} accuracy points "
-            f"({evaluation.float_accuracy * 100:.2f}% float, "
-            f"{evaluation.quantized_accuracy * 100:.2f}% converted, on {len(heldout)} held-out "
-            f"images), more than --max-accuracy-drop {opts.max_accuracy_drop}: try more "
-            "--calibration-samples, another --mode, or raise the limit; nothing was written"
-        )
     staging.write(output / "labels.txt", ("\n".join(labels) + "\n").encode("utf-8"))
     note = None
     compiled_manifest = None
@@ -304,6 +327,66 @@ def _evaluate_and_publish(
         )
     written = staging.commit()
     return QuantizeResult(manifest, evaluation, written, note)
+
+
+def _accuracy(
+    opts: QuantizeOptions, source: SourceModel, evaluation: Evaluation, size: int
+) -> AccuracyReport:
+    """The manifest's record of what the gate measured (agreement only, without labels)."""
+    teacher = evaluation.teacher
+    return AccuracyReport(
+        heldout_samples=len(evaluation.labels),
+        reference="float_model" if teacher else "labels",
+        float_accuracy=None if teacher else evaluation.float_accuracy,
+        quantized_accuracy=None if teacher else evaluation.quantized_accuracy,
+        top1_agreement=evaluation.agreement,
+        accuracy_drop_points=None if teacher else round(evaluation.drop_points, 4),
+        float_size_bytes=size if opts.mode == "float32" else _float32_size(source),
+        tflite_size_bytes=size,
+        float_latency_ms=round(evaluation.float_latency_ms, 4),
+        tflite_latency_ms=round(evaluation.tflite_latency_ms, 4),
+    )
+
+
+def _report_or_fail(
+    opts: QuantizeOptions,
+    manifest: ModelManifest,
+    evaluation: Evaluation,
+    output: Path,
+    name: str,
+    *,
+    warnings: list[str],
+) -> str:
+    """The report's Markdown; when the gate fails, the report written where nothing loads it
+    as a model, and :class:`GateFailedError`."""
+    _, png_path = report_paths(output, name)
+    count = len(evaluation.labels)
+    report = markdown(manifest, evaluation, opts.max_accuracy_drop, png_path.name)
+    for warning in warnings:
+        report += f"\n**Warning:** {warning}\n"
+    failed_md, failed_png = report_paths(output, f"{name}.failed")
+    if evaluation.drop_points > opts.max_accuracy_drop:
+        # The report of a failed conversion, under a name nothing loads as a model.
+        write_atomic(failed_md, report.replace(png_path.name, failed_png.name).encode("utf-8"))
+        write_atomic(failed_png, figure_png(manifest, evaluation))
+        advice = gate_advice(opts.mode)
+        lost = (
+            f"changed the float model's answer on {evaluation.drop_points:.2f}% of "
+            f"{count} unlabelled images (top-1 agreement "
+            f"{evaluation.agreement * 100:.2f}%)"
+            if evaluation.teacher
+            else f"lost {evaluation.drop_points:.2f} accuracy points "
+            f"({evaluation.float_accuracy * 100:.2f}% float, "
+            f"{evaluation.quantized_accuracy * 100:.2f}% converted, on {count} held-out images)"
+        )
+        raise GateFailedError(
+            f"{opts.mode} conversion {lost}, more than --max-accuracy-drop "
+            f"{opts.max_accuracy_drop}: {advice}. No model was written; the report is "
+            f"{failed_md}"
+        )
+    failed_md.unlink(missing_ok=True)  # an earlier failure's report no longer applies
+    failed_png.unlink(missing_ok=True)
+    return report
 
 
 def _looks_like_probabilities(source: SourceModel, heldout: Dataset, spec: InputSpec) -> bool:

@@ -106,14 +106,18 @@ def _setup_logging(level: str, debug: bool) -> None:
 def _run(args: argparse.Namespace) -> int:
     # First of all: a stop asked for while the model loads must be a clean stop too.
     stop = threading.Event()
-    stop_watching_signals = stop_on_signals(stop)
+    # SIGHUP before the daemon runs is kept, and taken once it does.
+    reload = threading.Event()
+    stop_watching_signals = stop_on_signals(stop, reload)
     try:
-        return _run_until_stopped(args, stop)
+        return _run_until_stopped(args, stop, reload)
     finally:
         stop_watching_signals()
 
 
-def _run_until_stopped(args: argparse.Namespace, stop: threading.Event) -> int:
+def _run_until_stopped(
+    args: argparse.Namespace, stop: threading.Event, reload: threading.Event
+) -> int:
     from edge_daemon.config import load_settings  # noqa: PLC0415 - a fast --help
     from edge_daemon.engine import model_summary  # noqa: PLC0415
     from edge_daemon.pipeline import Daemon  # noqa: PLC0415
@@ -132,7 +136,7 @@ def _run_until_stopped(args: argparse.Namespace, stop: threading.Event) -> int:
         )
     try:
         daemon.start()
-        daemon.run(duration=args.duration, stop=stop)
+        daemon.run(duration=args.duration, stop=stop, reload=reload)
     finally:
         daemon.stop()
     for name in daemon.stuck_threads():

@@ -7,6 +7,8 @@ Commands (JSON Schema: ``schemas/cmd.v1.json``)::
     {"cmd": "threshold", "value": 0.7}        change EDGE_INFERENCE__THRESHOLD until restart
     {"cmd": "snapshot", "camera": "door"}     publish its latest frame as JPEG on <camera>/snapshot
     {"cmd": "status"}                         publish stats now
+    {"cmd": "reload"}                         load the model file again and swap it in; a second
+                                              reply (same id) says whether it was taken
 
 An optional ``"id"`` is echoed in the reply on ``<prefix>/cmd/result``. Anything else is
 rejected with a warning and a reply saying why; nothing a message says can stop the daemon.
@@ -86,7 +88,15 @@ class Status(_Command):
     cmd: Literal["status"]
 
 
-Command = Annotated[Pause | Resume | Threshold | Snapshot | Status, Field(discriminator="cmd")]
+class Reload(_Command):
+    """Load the model file again and swap it in, without stopping the cameras."""
+
+    cmd: Literal["reload"]
+
+
+Command = Annotated[
+    Pause | Resume | Threshold | Snapshot | Status | Reload, Field(discriminator="cmd")
+]
 _ADAPTER: TypeAdapter[Command] = TypeAdapter(Command)
 
 
@@ -202,6 +212,8 @@ COMMAND_LIMITS: Mapping[str, tuple[float, int]] = {
     "threshold": (5.0, 10),
     "snapshot": (1.0, 3),
     "status": (1.0, 3),
+    # Loading a model takes a second of CPU or more.
+    "reload": (0.1, 1),
 }
 
 
@@ -245,6 +257,7 @@ class Controller:
         cameras: Mapping[str, Camera],
         set_threshold: Callable[[float], None],
         publish_stats: Callable[[], None],
+        reload: Callable[[str | None], object] = lambda command_id: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.inbox = inbox
@@ -252,6 +265,7 @@ class Controller:
         self._cameras = cameras
         self._set_threshold = set_threshold
         self._publish_stats = publish_stats
+        self._reload = reload
         self._limits = {
             kind: RateLimit(rate, burst, clock) for kind, (rate, burst) in COMMAND_LIMITS.items()
         }
@@ -340,6 +354,8 @@ class Controller:
             self._publisher.publish(
                 self._publisher.topic(command.camera, "snapshot"), jpeg.tobytes(), qos=0, keep=True
             )
+        elif isinstance(command, Reload):
+            self._reload(command.id)
         else:
             self._publish_stats()
 

@@ -8,6 +8,7 @@ what tensors cannot say: labels, colour order and scaling.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import traceback
@@ -87,6 +88,8 @@ class Engine:
         # Read once: interpreters made later for other batch sizes come from these bytes, not
         # from a file that may have been replaced (or half-copied) since.
         self._content = read_model(model_path)
+        #: A short hash of the model's bytes: says which model produced a label, across reloads.
+        self.digest = hashlib.sha256(self._content).hexdigest()[:12]
         first = make_interpreter(
             model_path,
             runtime=self.runtime,
@@ -111,6 +114,8 @@ class Engine:
                 "classifiers, whose output is (batch, classes)"
             )
         self.manifest = manifest
+        #: No manifest and no scale or offset from the settings: the input range is a guess.
+        self.scaling_assumed = manifest is None and scale is None and offset is None
         if manifest is not None:
             self.input_spec, self.output_spec = manifest.input, manifest.output
             self.labels = labels or manifest.labels
@@ -363,8 +368,18 @@ def load_engine(settings: Settings) -> Engine:
 def model_summary(engine: Engine) -> str:
     """One line about the loaded model, for logs and ``check``."""
     spec = engine.input_spec
+    scaling = (
+        f"input = pixel * {spec.scale:.6g} {'-' if spec.offset < 0 else '+'} {abs(spec.offset):.6g}"
+    )
+    if engine.scaling_assumed:
+        # Nothing says what the model wants: a wrong guess changes labels without an error.
+        scaling += (
+            " (assumed: no manifest beside the model; a model that wants [-1, 1] needs "
+            "EDGE_MODEL__SCALE=1/127.5 and EDGE_MODEL__OFFSET=-1)"
+        )
     return (
         f"{engine.name} ({Path(engine.model_path).name}, {engine.runtime.name}): "
         f"{spec.height}x{spec.width}x{spec.channels} {spec.colour} {spec.dtype}, "
-        f"{len(engine.labels)} classes, batch {'dynamic' if spec.dynamic_batch else '1'}"
+        f"{len(engine.labels)} classes, batch {'dynamic' if spec.dynamic_batch else '1'}, "
+        f"{scaling}"
     )

@@ -6,6 +6,7 @@ numbers are finite (``allow_inf_nan=False``), paths are usable, names fit in a t
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, TypeVar
@@ -49,6 +50,21 @@ def check_path(value: Any) -> Any:
 
 
 FilePath = Annotated[Path, BeforeValidator(check_path)]
+
+
+def fraction(value: Any) -> Any:
+    """``1/127.5`` (text) to its value, so a scale can be written as the model's docs give it;
+    any other value passes unchanged (and is checked as a number later)."""
+    if isinstance(value, str) and "/" in value:
+        top, _, bottom = value.partition("/")
+        try:
+            numerator, denominator = float(top), float(bottom)
+        except ValueError:
+            raise ValueError("give a number or a fraction such as 1/127.5") from None
+        if denominator == 0 or not math.isfinite(numerator / denominator):
+            raise ValueError("give a number or a fraction such as 1/127.5 (finite, not /0)")
+        return numerator / denominator
+    return value
 
 
 def check_mqtt_string(text: str) -> str:

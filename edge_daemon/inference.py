@@ -63,6 +63,8 @@ class InferenceStage:
         #: When the loop last went round (the watchdog is fed only after progress).
         self.last_progress = time.monotonic()
         self._failures = 0
+        #: A new model handed over by a reload, swapped in before the next batch.
+        self._next_engine: Engine | None = None
         self._invalid_log = RateLimit(rate=1 / 60, burst=1)
         self._stop = threading.Event()
         self.thread = StageThread("inference", self._loop)
@@ -76,6 +78,11 @@ class InferenceStage:
         self._stop.set()
         self.batcher.notify()  # a wait for more crops ends now
 
+    def offer_engine(self, engine: Engine) -> None:
+        """A new model, loaded and checked: it replaces the running one between two batches."""
+        self._next_engine = engine
+        self.batcher.notify()
+
     def set_threshold(self, value: float) -> None:
         """Change the score threshold (from the control topic)."""
         self.threshold = value
@@ -83,6 +90,10 @@ class InferenceStage:
     def _loop(self) -> None:
         while True:
             self.last_progress = time.monotonic()
+            engine, self._next_engine = self._next_engine, None
+            if engine is not None:
+                self.engine = engine  # the old one's interpreters go with the last reference
+                self._failures = 0
             items = self.batcher.next_batch(self._stop)
             if not items:
                 if self._stop.is_set():
@@ -127,6 +138,7 @@ class InferenceStage:
             frame=item.frame.number,
             captured=item.frame.wall,
             model=self.engine.name,
+            model_hash=self.engine.digest,
             latency_ms=(time.monotonic() - item.frame.monotonic) * 1000.0,
             inference_ms=inference_ms,
             batch=batch,

@@ -9,6 +9,7 @@ The converter writes it (:meth:`ModelManifest.to_bytes`); the daemon reads it wi
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -75,15 +76,27 @@ class AccuracyReport(_Frozen):
     """What the converter measured on the held-out split, float model against converted."""
 
     heldout_samples: int = Field(ge=0)
-    float_accuracy: float = Field(ge=0, le=1)
-    quantized_accuracy: float = Field(ge=0, le=1)
+    #: What the converted model was checked against: labelled images, or (no labels) the
+    #: float model's own answers, when only the agreement is measured and no accuracy.
+    reference: Literal["labels", "float_model"] = "labels"
+    float_accuracy: float | None = Field(default=None, ge=0, le=1)
+    quantized_accuracy: float | None = Field(default=None, ge=0, le=1)
     top1_agreement: float = Field(ge=0, le=1)
-    #: ``float_accuracy - quantized_accuracy`` in percentage points.
-    accuracy_drop_points: float
+    #: ``float_accuracy - quantized_accuracy`` in percentage points (None without labels).
+    accuracy_drop_points: float | None = None
     float_size_bytes: int = Field(ge=0)
     tflite_size_bytes: int = Field(ge=0)
     float_latency_ms: float = Field(ge=0)
     tflite_latency_ms: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AccuracyReport:
+        measured = (self.float_accuracy, self.quantized_accuracy, self.accuracy_drop_points)
+        if self.reference == "labels" and None in measured:
+            raise ValueError("accuracy measured against labels needs all three accuracy fields")
+        if self.reference == "float_model" and measured != (None, None, None):
+            raise ValueError("without labels (reference float_model) no accuracy is measured")
+        return self
 
 
 class SourceModel(_Frozen):
@@ -111,8 +124,15 @@ class ModelManifest(_Frozen):
     accuracy: AccuracyReport | None = None
 
     def to_bytes(self) -> bytes:
-        """The manifest as the JSON file the converter writes."""
-        return self.model_dump_json(indent=2).encode("utf-8") + b"\n"
+        """The manifest as the JSON file the converter writes.
+
+        ``accuracy.reference`` is left out when it is ``labels`` (its default): a daemon older
+        than that field refuses unknown fields, and would refuse every new manifest. A
+        teacher-mode manifest (no labels) needs a daemon that knows the field."""
+        data = self.model_dump(mode="json")
+        if data.get("accuracy") and data["accuracy"].get("reference") == "labels":
+            del data["accuracy"]["reference"]
+        return json.dumps(data, indent=2).encode("utf-8") + b"\n"
 
     @model_validator(mode="after")
     def _labels_fit_outputs(self) -> ModelManifest:
@@ -149,7 +169,7 @@ def read_manifest(path: Path) -> ModelManifest:
 def read_labels(path: Path) -> tuple[str, ...]:
     """Read a labels file: one label a line, blank lines at the end ignored."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a BOM is no label
     except FileNotFoundError as exc:
         raise ModelError(
             f"labels file {path} does not exist: put one label a line "

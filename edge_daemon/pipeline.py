@@ -23,6 +23,7 @@ from edge_daemon.errors import EdgeDaemonError
 from edge_daemon.inference import InferenceStage
 from edge_daemon.prediction import EncodeError, Prediction, encode
 from edge_daemon.publisher import Publisher
+from edge_daemon.reload import Reloader
 from edge_daemon.scene import StateStage
 from edge_daemon.settings import Settings, sample_camera
 from edge_daemon.sources import Opener, open_source, redact, require_backends
@@ -71,6 +72,13 @@ class Daemon:
             emit=self._publish_prediction,
             reload=lambda: load_engine(settings),
         )
+        self.reloader = Reloader(
+            settings,
+            load=lambda: load_engine(settings),
+            install=self.inference.offer_engine,
+            current=lambda: self.engine,
+            report=self._reload_report,
+        )
         regions = {c.name: self.batcher.rois(c.name) for c in self.cameras}
         self.states = StateStage(
             settings,
@@ -78,6 +86,7 @@ class Daemon:
             regions,
             threshold=lambda: self.inference.threshold,
             model=lambda: self.engine.name,
+            model_hash=lambda: self.engine.digest,
         )
         self._labels = settings.mqtt.labels == "every"
         self.controller = (
@@ -87,6 +96,7 @@ class Daemon:
                 cameras={c.name: c for c in self.cameras},
                 set_threshold=self.inference.set_threshold,
                 publish_stats=self.publish_stats,
+                reload=lambda command_id: self.reloader.request("the reload command", command_id),
             )
             if inbox is not None
             else None
@@ -175,10 +185,17 @@ class Daemon:
         threads = [c.thread for c in self.cameras] + [self.inference.thread]
         return [t.name for t in threads if t is not None and t.is_alive()]
 
-    def run(self, duration: float | None = None, stop: threading.Event | None = None) -> None:
+    def run(
+        self,
+        duration: float | None = None,
+        stop: threading.Event | None = None,
+        reload: threading.Event | None = None,
+    ) -> None:
         """Supervise until ``stop`` is set, ``duration`` seconds pass, every file ended, or a
-        stage died (then :attr:`fatal` says why)."""
+        stage died (then :attr:`fatal` says why). ``reload`` set (SIGHUP) loads the model
+        again."""
         stop = stop or threading.Event()
+        reload = reload or threading.Event()
         interval = self.settings.mqtt.stats_interval_s
         next_stats = time.monotonic() + interval if interval else float("inf")
         end = time.monotonic() + duration if duration else float("inf")
@@ -217,6 +234,10 @@ class Daemon:
                 self.controller.poll()
             self.publisher.poll_recall()
             self.states.poll()
+            if reload.is_set():
+                reload.clear()
+                self.reloader.request("SIGHUP")
+            self.reloader.poll()
             if now >= next_status:
                 self.notifier.status(self.status_line())
                 next_status = now + 5.0
@@ -258,6 +279,18 @@ class Daemon:
     def _recalled(self) -> None:
         self.states.recalled()
 
+    def _reload_report(self, command_id: str | None, ok: bool, text: str) -> None:
+        """A reload's outcome on ``cmd/result`` (when the control topic is on)."""
+        if self.controller is None:
+            return
+        reply: dict[str, object] = {"ok": ok, "cmd": "reload", "model": self.engine.name}
+        reply["model_hash"] = self.engine.digest
+        if not ok:
+            reply["error"] = text
+        if command_id is not None:
+            reply["id"] = command_id
+        self.publisher.publish(self.publisher.topic("cmd", "result"), encode(reply), keep=True)
+
     def _publish_prediction(self, item: Item, prediction: Prediction) -> None:
         """On the inference thread: the region's state, and a label message when per-frame
         labels are on (never NaN or Infinity in it)."""
@@ -292,12 +325,14 @@ class Daemon:
             device=self.settings.device_id,
             started=self._started,
             model=self.engine.name,
+            model_hash=self.engine.digest,
             runtime=self.engine.runtime.name,
             cameras=self.cameras,
             inference=self.stats,
             publisher=self.publisher,
             control=self.controller.stats() if self.controller is not None else None,
             state=self.states.stats(),
+            reloads={"done": self.reloader.done, "failed": self.reloader.failed},
         )
 
     def publish_stats(self) -> None:

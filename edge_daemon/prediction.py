@@ -51,6 +51,8 @@ class Prediction:
     score: float
     top: tuple[Class, ...]
     model: str
+    #: A short hash of the model file's bytes.
+    model_hash: str
     latency_ms: float
     inference_ms: float
     batch: int
@@ -79,6 +81,7 @@ class Prediction:
             "score": round(self.score, 6),
             "top": [{"label": c.label, "score": round(c.score, 6)} for c in self.top],
             "model": self.model,
+            "model_hash": self.model_hash,
             "latency_ms": round(self.latency_ms, 3),
             "inference_ms": round(self.inference_ms, 3),
             "batch": self.batch,

@@ -29,6 +29,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_daemon.backoff import Backoff
 from edge_daemon.connection import ConnectionWatch, tls_context
 from edge_daemon.control import Inbox
+from edge_daemon.recall import Recall
 from edge_daemon.settings import Settings
 from edge_daemon.stage import StageThread
 
@@ -36,9 +37,6 @@ log = logging.getLogger(__name__)
 
 #: QoS 1/2 messages handed to paho and not yet acknowledged, at most.
 INFLIGHT_WINDOW = 100
-#: Reading back retained messages ends no sooner than this after the broker acknowledged the
-#: subscription (a broker may send them asynchronously).
-RECALL_GRACE_S = 0.3
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,23 +47,6 @@ class Message:
     payload: bytes
     qos: int
     retain: bool
-
-
-@dataclass(slots=True)
-class Recall:
-    """Retained messages to read back once, at the first connection."""
-
-    filters: list[str]
-    on_retained: Callable[[str, bytes], None]
-    on_done: Callable[[], None]
-    timeout: float
-    deadline: float = float("inf")
-    done: bool = False
-    #: The SUBSCRIBE's message id, and when the broker acknowledged it.
-    mid: int = -1
-    acked_at: float | None = None
-    #: Our own ``online`` came back: every retained message should be here.
-    echoed: bool = False
 
 
 def close_client(client: mqtt.Client, clean: bool = True) -> None:
@@ -124,7 +105,6 @@ class Publisher:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
         self._client.on_connect_fail = self._on_connect_fail
-        self._client.on_subscribe = self._on_subscribe
         #: Topics subscribed to on every connect (``watch``), besides ``cmd``.
         self._watched: list[str] = []
         if inbox is not None:
@@ -316,111 +296,26 @@ class Publisher:
         timeout: float = 5.0,
     ) -> None:
         """Read back the retained messages on ``filters`` once, at the first connection, before
-        anything is published: ``on_retained(topic, payload)`` for each (on paho's thread),
-        then ``on_done()`` once all have arrived, or ``timeout`` seconds after connecting
-        (call :meth:`poll_recall` from time to time for that). Call before ``start``.
-
-        The end is known by our own ``online``: it is sent after the subscription, and a
-        broker such as mosquitto delivers the retained messages of a subscription before a
-        message published after it, so it arrives after every retained one. As insurance
-        against brokers that send retained messages asynchronously, the recall ends no sooner
-        than :data:`RECALL_GRACE_S` after the broker acknowledged the subscription. A refused
-        subscription (a broker ACL without read access) ends it at once, with an error.
-        """
-        self._recall = Recall(filters, on_retained, on_done, timeout)
-        for topic in filters:
-            self._client.message_callback_add(topic, self._on_recalled)
-        self._client.message_callback_add(self.topic("status"), self._on_own_status)
-
-    def poll_recall(self) -> None:
-        """End a recall whose end has come (after the grace), or whose retained messages did
-        not all arrive in time."""
-        recall = self._recall
-        if recall is None or recall.done:
-            return
-        if self._recall_complete(recall):
-            self._end_recall()
-        elif time.monotonic() > recall.deadline:
-            log.error(
-                "the broker did not return the retained messages on %s in %.0f s: going on "
-                "without them, so a state may be announced again as a change. Give this "
-                "client read access to those topics and to %s",
-                ", ".join(recall.filters),
-                recall.timeout,
-                self.topic("status"),
-            )
-            self._end_recall()
-
-    @staticmethod
-    def _recall_complete(recall: Recall) -> bool:
-        return (
-            recall.echoed
-            and recall.acked_at is not None
-            and time.monotonic() >= recall.acked_at + RECALL_GRACE_S
+        anything is published (see :class:`~edge_daemon.recall.Recall`). Call before
+        ``start``; call :meth:`poll_recall` from time to time."""
+        self._recall = Recall(
+            self._client,
+            filters,
+            self.topic("status"),
+            on_retained=on_retained,
+            on_done=on_done,
+            timeout=timeout,
         )
 
-    def _on_subscribe(
-        self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any
-    ) -> None:
-        del client, userdata, properties
-        recall = self._recall
-        if recall is None or recall.done or mid != recall.mid:
-            return
-        refused = [
-            topic
-            for topic, code in zip(
-                [*recall.filters, self.topic("status")], reason_codes, strict=False
-            )
-            if getattr(code, "is_failure", False)
-        ]
-        if refused:
-            log.error(
-                "the broker refused the subscription to %s: going on without the retained "
-                "messages there, so a state may be announced again as a change. Give this "
-                "client read access to it",
-                ", ".join(refused),
-            )
-            self._end_recall()
-            return
-        recall.acked_at = time.monotonic()
+    def poll_recall(self) -> None:
+        """End a recall whose end has come, or whose time is up."""
+        if self._recall is not None:
+            self._recall.poll()
 
     @property
     def recalling(self) -> bool:
         """True until the recall (if any) has ended."""
         return self._recall is not None and not self._recall.done
-
-    def _on_recalled(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        del client, userdata
-        recall = self._recall
-        if recall is None or recall.done or not message.retain:
-            return
-        try:
-            recall.on_retained(message.topic, bytes(message.payload))
-        except Exception:
-            log.exception("reading back %s failed", message.topic)
-
-    def _on_own_status(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        del client, userdata
-        recall = self._recall
-        if recall is None or message.retain or bytes(message.payload) != b"online":
-            return
-        recall.echoed = True
-        if self._recall_complete(recall):
-            self._end_recall()  # else poll_recall ends it once the grace has passed
-
-    def _end_recall(self) -> None:
-        recall = self._recall
-        if recall is None:
-            return
-        with self._cond:
-            if recall.done:
-                return
-            recall.done = True
-        self._client.unsubscribe([*recall.filters, self.topic("status")])
-        try:
-            recall.on_done()
-        except Exception:
-            log.exception("ending the read-back of retained messages failed")
 
     # --- paho callbacks (on paho's network thread) -------------------------------------------
 
@@ -444,16 +339,10 @@ class Publisher:
             return
         self.watcher.accepted()
         self._backoff.reset()
-        recall = self._recall
-        if recall is not None and not recall.done:
+        if self._recall is not None:
             # Before ``online`` can be sent (the sender waits for _connected): its echo marks
             # the end of the retained messages.
-            recall.deadline = time.monotonic() + recall.timeout
-            recall.acked_at, recall.echoed = None, False
-            _, mid = self._client.subscribe(
-                [(t, 1) for t in [*recall.filters, self.topic("status")]]
-            )
-            recall.mid = -1 if mid is None else mid
+            self._recall.connected()
         with self._cond:
             # State first: the broker must see ``online`` and camera states before labels.
             self._connected = True

@@ -116,10 +116,12 @@ class StateStage:
         *,
         threshold: Callable[[], float],
         model: Callable[[], str],
+        model_hash: Callable[[], str],
     ) -> None:
         self.settings = settings
         self._publisher = publisher
         self._model = model
+        self._model_hash = model_hash
         own: dict[str, dict[str, RegionStateSettings | None]] = {
             camera: {
                 roi: (
@@ -255,6 +257,7 @@ class StateStage:
             "frame": change.confirming.frame,
             "previous": known.previous,
             "model": self._model(),
+            "model_hash": self._model_hash(),
         }
         try:
             body = encode(payload)
@@ -280,6 +283,7 @@ class StateStage:
             "duration_s": round(max(0.0, end - state.since), 3) if end is not None else None,
             "best_score": round(region.best, 6),
             "model": self._model(),
+            "model_hash": self._model_hash(),
         }
         try:
             body = encode(payload)

@@ -1,4 +1,5 @@
-"""Stopping on SIGTERM and SIGINT without taking a lock in the signal handler."""
+"""Stopping on SIGTERM and SIGINT, reloading the model on SIGHUP, without taking a lock in
+the signal handler."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ from types import FrameType
 log = logging.getLogger("edge_daemon")
 
 
-def stop_on_signals(stop: threading.Event) -> Callable[[], None]:
-    """SIGTERM and SIGINT set ``stop``; returns what undoes this.
+def stop_on_signals(
+    stop: threading.Event, reload: threading.Event | None = None
+) -> Callable[[], None]:
+    """SIGTERM and SIGINT set ``stop``, SIGHUP sets ``reload`` (when given); returns what
+    undoes this.
 
     The handler itself takes no lock. A Python signal handler runs in the main thread between
     two of its bytecodes, which may be inside ``stop.wait()`` holding the event's lock (or
@@ -40,10 +44,12 @@ def stop_on_signals(stop: threading.Event) -> Callable[[], None]:
                 if signum in (signal.SIGTERM, signal.SIGINT) and not stop.is_set():
                     log.info("received %s, stopping", signal.Signals(signum).name)
                     stop.set()
+                elif signum == signal.SIGHUP and reload is not None:
+                    log.info("received SIGHUP, reloading the model")
+                    reload.set()
 
-    handlers = {
-        signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)
-    }
+    signals = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGHUP] if reload is not None else [])
+    handlers = {signum: signal.signal(signum, handler) for signum in signals}
     watcher = threading.Thread(target=watch, name="signals", daemon=True)
     watcher.start()
 

@@ -67,12 +67,14 @@ def stats_payload(
     device: str,
     started: float,
     model: str,
+    model_hash: str,
     runtime: str,
     cameras: Sequence[Camera],
     inference: InferenceStats,
     publisher: Publisher,
     control: Mapping[str, int] | None,
     state: Mapping[str, int] | None = None,
+    reloads: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """The ``stats`` message (``started`` is the daemon's start, on the monotonic clock)."""
     uptime = time.monotonic() - started
@@ -82,6 +84,7 @@ def stats_payload(
         "ts": iso_utc(time.time()),
         "uptime_s": round(uptime, 3),
         "model": model,
+        "model_hash": model_hash,
         "runtime": runtime,
         "cameras": {c.name: camera_stats(c, uptime) for c in cameras},
         "inference": inference.payload(),
@@ -94,6 +97,8 @@ def stats_payload(
     }
     if state is not None:
         payload["state"] = dict(state)
+    if reloads is not None:
+        payload["reloads"] = dict(reloads)
     if control is not None:
         payload["control"] = dict(control)
     return payload

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -21,9 +24,19 @@ pytestmark = pytest.mark.converter
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
+    """``edge-convert ARGS`` in this process: exit code, stdout, and stderr with the log's
+    warnings as the command prints them (pytest holds the logging handlers here)."""
+    logged = io.StringIO()
+    handler = logging.StreamHandler(logged)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        code = main(list(args))
+    finally:
+        logging.getLogger().removeHandler(handler)
     out, err = capsys.readouterr()
-    return code, out, err
+    return code, out, logged.getvalue() + err
 
 
 def files(folder: Path) -> set[str]:
@@ -154,10 +167,27 @@ def test_gate_fails_when_quantisation_loses_too_much(
     code, _, err = run_cli(capsys, "quantize", str(flat_softmax_model), "--output", str(out_dir))
     assert code == 3
     assert "accuracy points" in err
-    assert "nothing was written" in err
+    assert "No model was written" in err
+    assert "--calibration-samples" in err  # int8: calibration applies
     assert err.count("\n") == 1
     assert "Traceback" not in err
-    assert files(out_dir) == {"keep.txt"}  # no model, manifest, report or temporary file
+    # No model, manifest or temporary file: only the failed conversion's report, under a
+    # name nothing loads as a model.
+    assert files(out_dir) == {"keep.txt", "flat.failed.report.md", "flat.failed.report.png"}
+    report = (out_dir / "flat.failed.report.md").read_text()
+    assert "FAILED" in report
+    assert "flat.failed.report.png" in report
+    assert str(out_dir / "flat.failed.report.md") in err
+    # Only full integer quantisation calibrates: no calibration advice for the others.
+    from converter.gate import gate_advice
+
+    assert "--calibration-samples" in gate_advice("int8")
+    for mode in ("float16", "dynamic", "float32"):
+        assert "--calibration-samples" not in gate_advice(mode)
+    # A gate below 0 is no gate.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["quantize", str(flat_softmax_model), "--max-accuracy-drop", "-1"])
+    assert exit_info.value.code == 2
 
 
 def test_gate_measures_the_real_drop(
@@ -407,7 +437,8 @@ def test_dataset_that_does_not_fit_the_model(
         "--output",
         str(out),
     )
-    assert_one_line_error(code, err, 65, "colour images", "gray input")
+    # Folders that are no labels of the model (its labels.txt says 0 to 9).
+    assert_one_line_error(code, err, 65, "a, b", "not among the model's labels")
     assert files(out) == set()
     np.savez(tmp_path / "flat.npz", x=np.zeros((10, 64), np.uint8), y=np.arange(10))
     code, _, err = run_cli(
@@ -496,6 +527,46 @@ def test_npz_and_folder_datasets_train_end_to_end(
     record = json.loads((tmp_path / "folder" / "imgs.train.json").read_text())
     assert record["input"]["colour"] == "rgb"
     assert record["input"]["channels"] == 3
+    assert record["labels"] == ["one", "two", "zero"]  # the output order, recorded
+    # Gray images for the colour model: converted as a camera's gray scene would arrive,
+    # and matched to its outputs by name (the npz names them in another order).
+    code, _, err = run_cli(
+        capsys,
+        "quantize",
+        str(tmp_path / "folder" / "imgs.keras"),
+        "--dataset",
+        str(tmp_path / "three.npz"),
+        "--mode",
+        "dynamic",
+        "--output",
+        str(tmp_path / "gray-for-rgb"),
+    )
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "gray-for-rgb" / "imgs.json").read_text())
+    assert manifest["labels"] == ["one", "two", "zero"]
+    assert manifest["accuracy"]["float_accuracy"] >= 0.85
+    # A record from before the output order was recorded, and no labels.txt: train took the
+    # folders in alphabetical order, so that order is known.
+    record_file = tmp_path / "folder" / "imgs.train.json"
+    old = json.loads(record_file.read_text())
+    del old["labels"]
+    record_file.write_text(json.dumps(old))
+    (tmp_path / "folder" / "labels.txt").unlink()
+    code, _, err = run_cli(
+        capsys,
+        "quantize",
+        str(tmp_path / "folder" / "imgs.keras"),
+        "--dataset",
+        str(folder),
+        "--mode",
+        "dynamic",
+        "--output",
+        str(tmp_path / "old-record"),
+    )
+    assert code == 0, err
+    assert "does not record the output order" in err
+    manifest = json.loads((tmp_path / "old-record" / "imgs.json").read_text())
+    assert manifest["labels"] == ["one", "two", "zero"]
 
 
 def test_console_script_exit_code_and_no_traceback(tmp_path: Path) -> None:
@@ -518,3 +589,342 @@ def test_console_script_exit_code_and_no_traceback(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0
     assert "edge-convert" in proc.stdout
+
+
+# --- a model's output order (issue: "Convert safely") ------------------------------------------
+
+WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+@pytest.fixture(scope="module")
+def word_folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Digits in folders named by word: alphabetical order (eight, five, four, ...) is not the
+    order of the model's outputs (0 to 9)."""
+    digits = load_dataset("digits")
+    root = tmp_path_factory.mktemp("words")
+    return write_image_folder(
+        root / "words",
+        {
+            word: list(np.asarray(digits.images)[digits.labels == i][:30])
+            for i, word in enumerate(WORDS)
+        },
+    )
+
+
+@pytest.fixture
+def bare_model(zoo: Zoo, tmp_path: Path) -> Path:
+    """The zoo's digits model alone: no labels.txt and no training record beside it."""
+    folder = tmp_path / "bare"
+    folder.mkdir()
+    target = folder / "digits.keras"
+    target.write_bytes((zoo.root / "small.keras").read_bytes())
+    return target
+
+
+def test_a_folder_dataset_for_a_model_of_unknown_output_order_is_refused(
+    bare_model: Path, word_folders: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = bare_model.parent / "out"
+    code, _, err = run_cli(
+        capsys, "quantize", str(bare_model), "--dataset", str(word_folders), "--output", str(out)
+    )
+    assert_one_line_error(code, err, 65, "order", "--labels", "by name")
+    assert files(out) == set()
+
+
+def test_folders_are_matched_to_the_labels_by_name(
+    bare_model: Path, word_folders: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: folders indexed alphabetically against outputs 0-9 measured 10% (chance) and
+    passed with exit 0. Now each folder is the output of its name."""
+    labels = bare_model.parent / "words.txt"
+    labels.write_text("\n".join(WORDS) + "\n")
+    out = bare_model.parent / "out"
+    code, _, err = run_cli(
+        capsys,
+        "quantize",
+        str(bare_model),
+        "--dataset",
+        str(word_folders),
+        "--labels",
+        str(labels),
+        "--mode",
+        "dynamic",
+        "--output",
+        str(out),
+    )
+    assert code == 0, err
+    manifest = json.loads((out / "digits.json").read_text())
+    assert manifest["labels"] == list(WORDS)
+    assert manifest["accuracy"]["float_accuracy"] >= 0.85
+    assert "close to guessing" not in err
+    # A folder that is no label of the model.
+    (word_folders.parent / "extra").mkdir(exist_ok=True)
+    extra = write_image_folder(
+        word_folders.parent / "extra", {"eleven": [np.zeros((8, 8), np.uint8)]}
+    )
+    for word in WORDS[:2]:
+        write_image_folder(extra, {word: list(load_dataset(str(word_folders)).images[:3])})
+    code, _, err = run_cli(
+        capsys, "quantize", str(bare_model), "--dataset", str(extra), "--labels", str(labels)
+    )
+    assert_one_line_error(code, err, 65, "eleven", "not among the model's labels")
+
+
+def test_labels_in_the_wrong_order_are_called_out(
+    bare_model: Path, word_folders: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Both models equally wrong pass the gate; the float model at chance says what is wrong."""
+    labels = bare_model.parent / "shuffled.txt"
+    labels.write_text("\n".join([*WORDS[1:], WORDS[0]]) + "\n")
+    code, _, err = run_cli(
+        capsys,
+        "quantize",
+        str(bare_model),
+        "--dataset",
+        str(word_folders),
+        "--labels",
+        str(labels),
+        "--mode",
+        "dynamic",
+        "--output",
+        str(bare_model.parent / "out"),
+    )
+    assert code == 0, err
+    assert "close to guessing" in err
+    assert "labels (their order)" in err
+
+
+def test_the_wilson_interval_is_honest_about_small_sets() -> None:
+    from converter.evaluate import wilson
+
+    low, high = wilson(60, 61)  # 61 held-out images, one wrong
+    assert 0.91 < low < 0.92
+    assert high > 0.99
+    low, high = wilson(9800, 10000)
+    assert high - low < 0.006
+    assert wilson(0, 0) == (0.0, 1.0)
+    assert wilson(5, 5)[1] == pytest.approx(1.0)
+
+
+def test_a_held_out_set_too_small_for_the_gate_is_said_so(
+    bare_model: Path, word_folders: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Three images per class held out: one flip is 3.3 points, more than the gate's 1."""
+    labels = bare_model.parent / "words.txt"
+    labels.write_text("\n".join(WORDS) + "\n")
+    code, out, err = run_cli(
+        capsys,
+        "quantize",
+        str(bare_model),
+        "--dataset",
+        str(word_folders),
+        "--labels",
+        str(labels),
+        "--holdout",
+        "0.1",
+        "--mode",
+        "float16",
+        "--output",
+        str(bare_model.parent / "out"),
+    )
+    assert code == 0, err
+    assert "one prediction is 3.33 points, more than the gate's 1.00" in err
+    assert "it needs at least 100 held-out images" in err
+    assert "95% interval" in out
+    report = (bare_model.parent / "out" / "digits.report.md").read_text()
+    assert "95% interval (Wilson)" in report
+    assert "a single flip fails it" in report
+    # A gate of 5 points is one that 30 images can check.
+    code, _, err = run_cli(
+        capsys,
+        "quantize",
+        str(bare_model),
+        "--dataset",
+        str(word_folders),
+        "--labels",
+        str(labels),
+        "--holdout",
+        "0.1",
+        "--mode",
+        "float16",
+        "--max-accuracy-drop",
+        "5",
+        "--output",
+        str(bare_model.parent / "out"),
+    )
+    assert code == 0, err
+    assert "a single flip" not in err
+
+
+def test_an_unlabelled_folder_calibrates_and_checks_by_agreement(
+    bare_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Teacher mode: frames without labels. The converted model is checked against the float
+    model's answers, recorded as agreement, never as accuracy."""
+    digits = load_dataset("digits")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i, image in enumerate(digits.images[:150]):
+        cv2.imwrite(str(frames / f"frame{i:04d}.png"), image)
+    out = tmp_path / "out"
+    code, _, err = run_cli(
+        capsys, "quantize", str(bare_model), "--dataset", str(frames), "--output", str(out)
+    )
+    assert_one_line_error(code, err, 65, "unlabelled folder", "--labels")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(WORDS) + "\n")
+    code, stdout, err = run_cli(
+        capsys,
+        "quantize",
+        str(bare_model),
+        "--dataset",
+        str(frames),
+        "--labels",
+        str(labels),
+        "--output",
+        str(out),
+    )
+    assert code == 0, err
+    assert "top-1 agreement" in stdout
+    assert "no accuracy was measured" in stdout
+    accuracy = json.loads((out / "digits.json").read_text())["accuracy"]
+    assert accuracy["reference"] == "float_model"
+    assert accuracy["float_accuracy"] is None
+    assert accuracy["quantized_accuracy"] is None
+    assert accuracy["accuracy_drop_points"] is None
+    assert accuracy["top1_agreement"] >= 0.9
+    assert accuracy["heldout_samples"] == 30
+    report = (out / "digits.report.md").read_text()
+    assert "teacher mode" in report
+    assert "accuracy on" not in report
+    # Training needs classes.
+    code, _, err = run_cli(
+        capsys, "train", "--dataset", str(frames), "--output", str(tmp_path / "t")
+    )
+    assert_one_line_error(code, err, 65, "no classes", "one sub-folder of images per class")
+
+
+def test_the_input_range_comes_from_the_model_where_it_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Rescaling layer means raw pixels; a Keras MobileNet wants [-1, 1]; a model that says
+    nothing gets 1/255 and a warning (a MobileNetV2 given 1/255 passed the gate with 0.00 points
+    lost: both models saw the same wrong input)."""
+    import keras
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (60, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "rgb.npz", x=x, y=np.arange(60) % 3, labels=np.array(["a", "b", "c"]))
+
+    def head() -> list[Any]:
+        return [
+            keras.layers.Conv2D(4, 3),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+
+    models = {
+        "rescaled": keras.Sequential(
+            [keras.Input((32, 32, 3)), keras.layers.Rescaling(1 / 255), *head()]
+        ),
+        "mobilenet": keras.applications.MobileNetV2(
+            input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=3
+        ),
+        "plain": keras.Sequential([keras.Input((32, 32, 3)), *head()]),
+    }
+    found = {}
+    for name, model in models.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        model.save(folder / f"{name}.keras")
+        (folder / "labels.txt").write_text("a\nb\nc\n")
+        code, _, err = run_cli(
+            capsys,
+            "quantize",
+            str(folder / f"{name}.keras"),
+            "--dataset",
+            str(tmp_path / "rgb.npz"),
+            "--mode",
+            "dynamic",
+            "--max-accuracy-drop",
+            "100",
+        )
+        assert code == 0, err
+        spec = json.loads((folder / f"{name}.json").read_text())["input"]
+        found[name] = (spec["scale"], spec["offset"], "nothing says what input range" in err)
+    assert found["rescaled"] == (1.0, 0.0, False)
+    assert found["mobilenet"] == (pytest.approx(1 / 127.5), -1.0, False)
+    assert found["plain"] == (pytest.approx(1 / 255), 0.0, True)
+
+
+def test_labels_that_name_two_outputs_and_npz_names_that_half_match_are_refused(
+    bare_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    twice = tmp_path / "twice.txt"
+    twice.write_text("\n".join([*WORDS[:9], "zero"]) + "\n")
+    code, _, err = run_cli(
+        capsys, "quantize", str(bare_model), "--dataset", "digits", "--labels", str(twice)
+    )
+    assert_one_line_error(code, err, 65, "more than one output", "zero")
+    # An npz that names its classes, some of them the model's labels and some not: its
+    # indices cannot be trusted to be the model's outputs.
+    digits = load_dataset("digits")
+    names = np.array(["one", "zero", "ten", *WORDS[3:10]])
+    np.savez(
+        tmp_path / "half.npz", x=np.stack(digits.images[:100]), y=digits.labels[:100], labels=names
+    )
+    labels = tmp_path / "words.txt"
+    labels.write_text("\n".join(WORDS) + "\n")
+    code, _, err = run_cli(
+        capsys,
+        "quantize",
+        str(bare_model),
+        "--dataset",
+        str(tmp_path / "half.npz"),
+        "--labels",
+        str(labels),
+    )
+    assert_one_line_error(code, err, 65, "ten", "not among the model's labels")
+
+
+def test_a_dataset_too_small_to_hold_any_image_out_is_refused(
+    bare_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    frames = tmp_path / "one"
+    frames.mkdir()
+    cv2.imwrite(str(frames / "a.png"), load_dataset("digits").images[0])
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(WORDS) + "\n")
+    code, _, err = run_cli(
+        capsys, "quantize", str(bare_model), "--dataset", str(frames), "--labels", str(labels)
+    )
+    assert_one_line_error(code, err, 65, "no image to hold out")
+
+
+def test_a_labelled_manifest_stays_readable_by_older_daemons() -> None:
+    """Older daemons refuse unknown manifest fields: ``reference`` is written only when it is
+    not the default."""
+    from edge_daemon.manifest import AccuracyReport, read_manifest
+    from edge_daemon.settings import BUNDLED_MODEL
+
+    manifest = read_manifest(BUNDLED_MODEL.with_suffix(".json"))
+    assert manifest.accuracy is not None
+    assert "reference" not in json.loads(manifest.to_bytes())["accuracy"]
+    teacher = manifest.accuracy.model_copy(
+        update={
+            "reference": "float_model",
+            "float_accuracy": None,
+            "quantized_accuracy": None,
+            "accuracy_drop_points": None,
+        }
+    )
+    text = json.loads(manifest.model_copy(update={"accuracy": teacher}).to_bytes())["accuracy"]
+    assert text["reference"] == "float_model"
+    bad = {**text, "reference": "labels"}
+    with pytest.raises(ValueError, match="needs all three"):
+        AccuracyReport.model_validate(bad)
+    with pytest.raises(ValueError, match="no accuracy is measured"):
+        AccuracyReport.model_validate(
+            {**json.loads(manifest.to_bytes())["accuracy"], "reference": "float_model"}
+        )

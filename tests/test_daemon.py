@@ -532,3 +532,33 @@ def test_env_example_never_replaces_what_is_not_a_regular_file(tmp_path: Path) -
     written = tmp_path / "example.env"
     assert run_daemon("env-example", "--output", str(written)).returncode == 0
     assert "EDGE_MQTT__HOST" in written.read_text()
+
+
+def test_check_says_which_input_scaling_a_model_without_manifest_gets(tmp_path: Path) -> None:
+    """A model wanting [-1, 1] run with the assumed 1/255 changed the top label on 41% of
+    crops without an error: say what was assumed and how to set it."""
+    from edge_daemon.settings import BUNDLED_MODEL
+
+    bare = tmp_path / "bare.tflite"
+    bare.write_bytes(BUNDLED_MODEL.read_bytes())
+    proc = run_daemon("check", "--timeout", "2", env={"EDGE_MODEL__PATH": str(bare)})
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("model:")]
+    assert "input = pixel * 0.00392157 + 0 (assumed: no manifest" in line
+    assert "EDGE_MODEL__SCALE=1/127.5" in line
+    proc = run_daemon(
+        "check",
+        "--timeout",
+        "2",
+        env={
+            "EDGE_MODEL__PATH": str(bare),
+            "EDGE_MODEL__SCALE": "1/127.5",
+            "EDGE_MODEL__OFFSET": "-1",
+        },
+    )
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("model:")]
+    assert "input = pixel * 0.00784314 - 1" in line
+    assert "assumed" not in line  # set, not guessed
+    # With its manifest nothing is assumed.
+    proc = run_daemon("check", "--timeout", "2")
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("model:")]
+    assert "assumed" not in line

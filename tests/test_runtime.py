@@ -86,7 +86,10 @@ def test_bundled_model_meets_its_targets(bundled_model: Path) -> None:
     assert manifest.quantization_mode == "int8"
     acc = manifest.accuracy
     assert acc is not None
+    assert acc.reference == "labels"
+    assert acc.quantized_accuracy is not None
     assert acc.quantized_accuracy >= 0.95
+    assert acc.accuracy_drop_points is not None
     assert acc.accuracy_drop_points <= 1.0
     assert acc.tflite_size_bytes <= 0.30 * acc.float_size_bytes
     assert bundled_model.stat().st_size == acc.tflite_size_bytes

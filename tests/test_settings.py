@@ -365,3 +365,15 @@ def test_the_command_line_exits_78_with_one_line(variable: str, value: str) -> N
     assert len(errors) == 1, proc.stderr
     assert errors[0].startswith(f"edge-daemon: error: {variable}: ")
     assert "Traceback" not in proc.stderr
+
+
+def test_a_scale_may_be_written_as_a_fraction(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGE_MODEL__SCALE", "1/127.5")
+    monkeypatch.setenv("EDGE_MODEL__OFFSET", "-1")
+    settings = load_settings()
+    assert settings.model.scale == pytest.approx(1 / 127.5)
+    assert settings.model.offset == -1.0
+    for bad in ["1/0", "a/b", "1e308/1e-308", "1/2/3"]:
+        problems = _refused(monkeypatch, {"EDGE_MODEL__SCALE": bad})
+        assert problems is not None, bad
+        assert problems[0].startswith("EDGE_MODEL__SCALE: give a number or a fraction"), problems

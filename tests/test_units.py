@@ -214,6 +214,7 @@ def prediction(score: float) -> Prediction:
         frame=12,
         captured=1_700_000_000.123,
         model="digits",
+        model_hash="0123456789ab",
         latency_ms=1.5,
         inference_ms=0.25,
         batch=2,
