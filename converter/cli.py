@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = sub.add_parser("train", help="train the reference CNN on a dataset")
+    train = sub.add_parser(
+        "train", help="train the reference CNN, or MobileNetV2 transfer learning, on a dataset"
+    )
     train.add_argument(
         "--dataset",
         default="digits",
@@ -55,8 +57,29 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--input-size",
         type=int,
-        default=28,
-        help="the model's square input size in pixels (default: 28)",
+        help="the model's square input size in pixels (default: 28; 96 for mobilenetv2)",
+    )
+    train.add_argument(
+        "--arch",
+        choices=("cnn", "mobilenetv2"),
+        default="cnn",
+        help="cnn: the reference CNN, tiny and fast on a Pi; mobilenetv2: transfer learning "
+        "for real scenes (default: cnn)",
+    )
+    train.add_argument(
+        "--alpha", type=float, default=0.35, help="MobileNetV2 width: 0.35, 0.5, 0.75, 1.0"
+    )
+    train.add_argument(
+        "--weights",
+        default="imagenet",
+        help="MobileNetV2 base weights: imagenet (Keras downloads them once), none, or a "
+        ".weights.h5 file (default: imagenet)",
+    )
+    train.add_argument(
+        "--fine-tune-epochs",
+        type=int,
+        default=0,
+        help="after the head, train the top of the MobileNetV2 base this many epochs (0)",
     )
     train.add_argument("--seed", type=int, default=0, help="seed of the split and training")
     train.add_argument(
@@ -70,8 +93,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=2,
         metavar="COPIES",
-        help="add this many randomly shifted copies of each training image, "
-        "as a camera would frame it (default: 2; 0 turns it off)",
+        help="add this many camera-like copies of each training image (shifted, turned, "
+        "brighter or darker, noisy, blurred) (default: 2; 0 turns it off)",
     )
 
     quant = sub.add_parser("quantize", help="convert a Keras model to TFLite and check accuracy")
@@ -153,6 +176,16 @@ def _parser() -> argparse.ArgumentParser:
         help="the video to write; its sidecar NAME.json goes beside it",
     )
 
+    label = sub.add_parser(
+        "label", help="a local web page to sort crops into one sub-folder per class"
+    )
+    label.add_argument("dir", type=Path, help="a folder of crops (edge-daemon collect's)")
+    label.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only)",
+    )
+    label.add_argument("--port", type=int, default=8765, help="port (default: 8765)")
     check = sub.add_parser(
         "check-edgetpu", help="list a model's ops and whether the Edge TPU supports each"
     )
@@ -205,10 +238,14 @@ def _train(args: argparse.Namespace) -> int:
         args.output,
         name,
         epochs=args.epochs,
-        input_size=args.input_size,
+        input_size=args.input_size or (96 if args.arch == "mobilenetv2" else 28),
         seed=args.seed,
         holdout=args.holdout,
         augment_copies=args.augment,
+        arch=args.arch,
+        alpha=args.alpha,
+        weights=args.weights,
+        fine_tune_epochs=args.fine_tune_epochs,
     )
     print(
         f"trained {result.model_path} ({result.epochs} epochs, training accuracy "
@@ -323,12 +360,40 @@ def _sample_clip(args: argparse.Namespace) -> int:
     return 0
 
 
+def _label(args: argparse.Namespace) -> int:
+    from converter.label import serve  # noqa: PLC0415
+
+    if not 0 <= args.port <= 65535:
+        raise InputMissingError(f"--port {args.port}: give a port from 0 to 65535")
+    try:
+        server = serve(args.dir, args.host, args.port)
+    except OSError as exc:
+        raise InputMissingError(
+            f"cannot listen on {args.host}:{args.port} ({exc.strerror}): give another --port"
+        ) from exc
+    if args.host not in ("127.0.0.1", "localhost"):
+        log.warning(
+            "edge-convert: warning: listening on %s: anyone who can reach it can sort your files",
+            args.host,
+        )
+    port = server.server_address[1]
+    print(f"sorting {args.dir}: open http://{args.host}:{port}/ (Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 _COMMANDS = {
     "train": _train,
     "sample-clip": _sample_clip,
     "quantize": _quantize,
     "report": _report,
     "check-edgetpu": _check_edgetpu,
+    "label": _label,
 }
 
 

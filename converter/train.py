@@ -1,4 +1,6 @@
-"""Train the reference CNN: Conv2D 32 3x3 ReLU, MaxPool 2x2, Flatten, Dense 128 ReLU, softmax."""
+"""Training: the reference CNN (Conv2D 32 3x3 ReLU, MaxPool 2x2, Flatten, Dense 128 ReLU,
+softmax), or MobileNetV2 transfer learning (:mod:`converter.transfer`), with camera-like
+augmentation and a class-balance report."""
 
 from __future__ import annotations
 
@@ -9,12 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
-import numpy.typing as npt
-
+from converter.augment import augment_images
 from converter.datasets import Dataset, Split, make_split
 from converter.errors import BadInputError
+from converter.transfer import (
+    FINE_TUNE_LAYERS,
+    build_mobilenet,
+    mobilenet_input_spec,
+    unfreeze_top,
+)
 from edge_daemon.manifest import InputSpec, write_atomic, write_labels
 from edge_daemon.preprocess import preprocess_batch
 
@@ -74,39 +79,35 @@ def build_reference_cnn(size: int, channels: int, classes: int) -> Any:
     return model
 
 
-def augment(
-    x: npt.NDArray[np.generic],
-    y: npt.NDArray[np.int64],
-    copies: int,
-    seed: int,
-    max_shift: float = 0.1,
-) -> tuple[npt.NDArray[np.generic], npt.NDArray[np.int64]]:
-    """The images plus ``copies`` shifted copies of each (up to ``max_shift`` of the size).
+#: A class with fewer training images than this gets a warning.
+FEW_IMAGES = 20
 
-    A camera never frames an object exactly as the dataset did; small shifts teach the model
-    to not care. The original images are kept, so nothing of the dataset is lost.
-    """
-    if copies <= 0:
-        return x, y
-    rng = np.random.default_rng(seed)
-    height, width = x.shape[1:3]
-    limit = max(1, round(max_shift * min(height, width)))
-    out = [x]
-    for _ in range(copies):
-        shifted = np.empty_like(x)
-        for i, image in enumerate(x):
-            dx, dy = rng.integers(-limit, limit + 1, size=2)
-            matrix = np.array([[1, 0, dx], [0, 1, dy]], dtype=np.float32)
-            moved = cv2.warpAffine(
-                image,
-                matrix,
-                (width, height),
-                flags=cv2.INTER_NEAREST,
-                borderMode=cv2.BORDER_REPLICATE,
-            )
-            shifted[i] = moved.reshape(image.shape)
-        out.append(shifted)
-    return np.concatenate(out), np.tile(y, copies + 1)
+
+def class_balance(dataset: Dataset) -> dict[str, int]:
+    """Images per class, and a warning for classes too small or far smaller than the rest."""
+    counts = {
+        name: int((dataset.labels == index).sum()) for index, name in enumerate(dataset.classes)
+    }
+    log.info("images per class: %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
+    few = [name for name, count in counts.items() if count < FEW_IMAGES]
+    if few:
+        log.warning(
+            "edge-convert: warning: %s %s fewer than %d images: the model will know %s "
+            "poorly; collect more (edge-daemon collect)",
+            ", ".join(few),
+            "has" if len(few) == 1 else "have",
+            FEW_IMAGES,
+            "it" if len(few) == 1 else "them",
+        )
+    largest, smallest = max(counts.values()), min(counts.values())
+    if smallest and largest >= 5 * smallest:
+        log.warning(
+            "edge-convert: warning: the classes are unbalanced (%d images against %d): the "
+            "model will lean towards the larger",
+            largest,
+            smallest,
+        )
+    return counts
 
 
 def train(
@@ -121,14 +122,26 @@ def train(
     holdout: float = 0.2,
     batch_size: int = 32,
     augment_copies: int = 2,
+    arch: str = "cnn",
+    alpha: float = 0.35,
+    weights: str = "imagenet",
+    fine_tune_epochs: int = 0,
 ) -> TrainResult:
-    """Train on the training part of a seeded split; write the model, labels and record."""
+    """Train on the training part of a seeded split; write the model, labels and record.
+
+    ``arch`` ``cnn`` is the reference CNN; ``mobilenetv2`` a frozen MobileNetV2 base with a new
+    head (:mod:`converter.transfer`), then ``fine_tune_epochs`` with the top of the base
+    unfrozen."""
     import keras  # noqa: PLC0415
 
     if not 0.0 < holdout < 1.0:
         raise BadInputError(f"--holdout {holdout} is not a fraction: give a value between 0 and 1")
-    if epochs < 1 or input_size < 8:
-        raise BadInputError("--epochs must be at least 1 and --input-size at least 8")
+    if epochs < 1 or input_size < 8 or fine_tune_epochs < 0:
+        raise BadInputError(
+            "--epochs must be at least 1, --input-size at least 8, --fine-tune-epochs at least 0"
+        )
+    if arch == "mobilenetv2" and input_size < 32:
+        raise BadInputError("--input-size must be at least 32 for MobileNetV2 (96 or 128 fit)")
     if not dataset.labelled:
         raise BadInputError(
             f"dataset {spec} has images but no classes: training needs one sub-folder of "
@@ -136,27 +149,38 @@ def train(
         )
     keras.utils.set_random_seed(seed)
     split = make_split(dataset, spec, seed, holdout)
-    in_spec = float_input_spec(input_size, dataset.channels)
     training = dataset.subset(split.train)
-    x = preprocess_batch(training.images, in_spec)
-    x, y = augment(x, training.labels, augment_copies, seed)
-    model = build_reference_cnn(input_size, dataset.channels, len(dataset.classes))
+    counts = class_balance(training)
+    images, y = augment_images(training.images, training.labels, augment_copies, seed)
+    classes = len(dataset.classes)
+    base = None
+    if arch == "mobilenetv2":
+        in_spec = mobilenet_input_spec(input_size)
+        model, base = build_mobilenet(input_size, classes, alpha, weights)
+    else:
+        in_spec = float_input_spec(input_size, dataset.channels)
+        model = build_reference_cnn(input_size, dataset.channels, classes)
+    x = preprocess_batch(images, in_spec)
     log.info(
-        "training on %d images of %s (%d with shifted copies), holding out %d (seed %d)",
+        "training %s on %d images of %s (%d with camera-like copies), holding out %d (seed %d)",
+        model.name,
         len(training),
         spec,
         len(x),
         len(split.heldout),
         seed,
     )
-    history = model.fit(
-        x,
-        y,
-        epochs=epochs,
-        batch_size=batch_size,
-        shuffle=True,
-        verbose=1 if sys.stderr.isatty() else 2,
-    )
+    verbose = 1 if sys.stderr.isatty() else 2
+    history = model.fit(x, y, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=verbose)
+    log_history = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+    if base is not None and fine_tune_epochs:
+        log.info("fine-tuning the top %d layers of the base", FINE_TUNE_LAYERS)
+        unfreeze_top(model, base)
+        tuned = model.fit(
+            x, y, epochs=fine_tune_epochs, batch_size=batch_size, shuffle=True, verbose=verbose
+        )
+        for key, values in tuned.history.items():
+            log_history.setdefault(key, []).extend(float(v) for v in values)
     output.mkdir(parents=True, exist_ok=True)
     model_path = output / f"{name}.keras"
     tmp = output / f".{name}.partial.keras"
@@ -172,12 +196,14 @@ def train(
         record_path,
         split,
         in_spec,
-        epochs=epochs,
-        history={k: [float(v) for v in vals] for k, vals in history.history.items()},
+        epochs=epochs + (fine_tune_epochs if base is not None else 0),
+        history=log_history,
         augment_copies=augment_copies,
         labels=dataset.classes,
+        extra={"arch": arch, "class_counts": counts}
+        | ({"alpha": alpha, "weights": weights} if base is not None else {}),
     )
-    accuracy = float(history.history["accuracy"][-1])
+    accuracy = float(log_history["accuracy"][-1])
     return TrainResult(model_path, labels_path, record_path, accuracy, epochs)
 
 
@@ -190,6 +216,7 @@ def write_record(
     history: dict[str, list[float]],
     augment_copies: int,
     labels: tuple[str, ...],
+    extra: dict[str, object] | None = None,
 ) -> None:
     """Save how a model was trained: the split (held-out indices), input spec, the output
     order (``labels``) and history."""
@@ -204,6 +231,7 @@ def write_record(
         "epochs": epochs,
         "augment_copies": augment_copies,
         "history": history,
+        **(extra or {}),
     }
     write_atomic(path, (json.dumps(record) + "\n").encode("utf-8"))
 

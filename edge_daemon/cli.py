@@ -44,6 +44,36 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 86_400:
+        raise argparse.ArgumentTypeError(f"{text!r}: give seconds from 0 to 86400")
+    return value
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a share from 0 to 1, e.g. 0.08")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 < value <= 10_000_000:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number from 1 to 10000000")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge-daemon",
@@ -81,6 +111,34 @@ def _parser() -> argparse.ArgumentParser:
         "--seconds", type=_seconds, default=2.0, help="time per batch size (default: 2)"
     )
     bench.add_argument("--json", action="store_true", help="print the figures as JSON")
+    collect = sub.add_parser(
+        "collect",
+        help="save each camera region's crops under DIR/<camera>_<roi>/ for labelling",
+    )
+    collect.add_argument("dir", type=Path, help="where to save the crops")
+    collect.add_argument("--env-file", type=Path, help="a file of EDGE_...=value lines")
+    collect.add_argument("--duration", type=float, help="stop by itself after this many seconds")
+    collect.add_argument(
+        "--every", type=_interval, default=10.0, help="seconds between crops of a region (10)"
+    )
+    collect.add_argument(
+        "--change",
+        type=_share,
+        default=0.08,
+        help="save sooner when a crop changed this much, 0-1 (0.08)",
+    )
+    collect.add_argument(
+        "--max-files", type=_count, default=10_000, help="stop after this many files (10000)"
+    )
+    collect.add_argument(
+        "--max-mb", type=_count, default=1024, help="stop after this many MiB written (1024)"
+    )
+    collect.add_argument(
+        "--min-free-mb",
+        type=_count,
+        default=500,
+        help="stop before the disk has less than this many MiB free (500)",
+    )
     example = sub.add_parser("env-example", help="print the documented settings example")
     example.add_argument("--output", type=Path, help="write it here instead of stdout")
     demo = sub.add_parser(
@@ -183,6 +241,36 @@ def _env_example(args: argparse.Namespace) -> int:
     return 0
 
 
+def _collect(args: argparse.Namespace) -> int:
+    from edge_daemon.collect import CollectLimits, Collector, run_collect  # noqa: PLC0415
+    from edge_daemon.config import load_settings  # noqa: PLC0415
+    from edge_daemon.settings import sample_camera  # noqa: PLC0415
+    from edge_daemon.sources import quiet_opencv, require_backends  # noqa: PLC0415
+
+    root: Path = args.dir
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"{root} exists and is not a folder: give a folder for the crops")
+    settings = load_settings(args.env_file)
+    _setup_logging(settings.log_level, args.debug)
+    quiet_opencv(args.debug)
+    cameras = settings.cameras or sample_camera()
+    require_backends(cameras)
+    limits = CollectLimits(
+        every_s=args.every,
+        change=args.change,
+        max_files=args.max_files,
+        max_bytes=args.max_mb << 20,
+        min_free_bytes=args.min_free_mb << 20,
+    )
+    stop = threading.Event()
+    undo = stop_on_signals(stop)
+    try:
+        run_collect(cameras, Collector(root, limits), duration=args.duration, stop=stop)
+    finally:
+        undo()
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from edge_daemon.demo import run_demo  # noqa: PLC0415
 
@@ -194,6 +282,7 @@ _COMMANDS = {
     "check": _check,
     "bench": _bench,
     "env-example": _env_example,
+    "collect": _collect,
     "demo": _demo,
 }
 

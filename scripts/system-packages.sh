@@ -6,6 +6,7 @@
 #   python3-gi, gir1.2-gst-rtsp-server-1.0, gstreamer1.0-plugins-good
 #                                 GStreamer's RTSP server under Debian's Python (an RTSP camera
 #                                 on loopback, tests/rtsp_server.py)
+#   chromium, chromium-driver     the labelling page's test in a real headless browser
 # Nothing missing: exits 0 at once (dpkg-query only). Missing, as root: apt-get installs them.
 # Missing, not root: prints the one command to run and exits 1.
 set -euo pipefail
@@ -13,6 +14,7 @@ set -euo pipefail
 packages=(
     mosquitto mosquitto-clients openssl systemd
     python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-good
+    chromium chromium-driver
 )
 
 if ! command -v dpkg-query >/dev/null 2>&1; then
