@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from edge_daemon import __version__
@@ -34,34 +34,24 @@ def _batch_sizes(text: str) -> list[int]:
     return sizes
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= 600:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a time from 0 to 600 seconds")
-    return value
+def _within(low: float, high: float, hint: str) -> Callable[[str], float]:
+    """An argument type: a number above ``low`` and at most ``high`` (NaN never is)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = low
+        if not low < value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r}: {hint}")
+        return value
+
+    return parse
 
 
-def _interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= 86_400:
-        raise argparse.ArgumentTypeError(f"{text!r}: give seconds from 0 to 86400")
-    return value
-
-
-def _share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a share from 0 to 1, e.g. 0.08")
-    return value
+_seconds = _within(0, 600, "give a time from 0 to 600 seconds")
+_interval = _within(0, 86_400, "give seconds from 0 to 86400")
+_share = _within(0, 1, "give a share from 0 to 1, e.g. 0.08")
 
 
 def _count(text: str) -> int:

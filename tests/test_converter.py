@@ -713,21 +713,9 @@ def test_a_held_out_set_too_small_for_the_gate_is_said_so(
     """Three images per class held out: one flip is 3.3 points, more than the gate's 1."""
     labels = bare_model.parent / "words.txt"
     labels.write_text("\n".join(WORDS) + "\n")
-    code, out, err = run_cli(
-        capsys,
-        "quantize",
-        str(bare_model),
-        "--dataset",
-        str(word_folders),
-        "--labels",
-        str(labels),
-        "--holdout",
-        "0.1",
-        "--mode",
-        "float16",
-        "--output",
-        str(bare_model.parent / "out"),
-    )
+    common = ["--dataset", str(word_folders), "--labels", str(labels), "--holdout", "0.1"]
+    out_dir = ["--mode", "float16", "--output", str(bare_model.parent / "out")]
+    code, out, err = run_cli(capsys, "quantize", str(bare_model), *common, *out_dir)
     assert code == 0, err
     assert "one prediction is 3.33 points, more than the gate's 1.00" in err
     assert "it needs at least 100 held-out images" in err
@@ -736,23 +724,8 @@ def test_a_held_out_set_too_small_for_the_gate_is_said_so(
     assert "95% interval (Wilson)" in report
     assert "a single flip fails it" in report
     # A gate of 5 points is one that 30 images can check.
-    code, _, err = run_cli(
-        capsys,
-        "quantize",
-        str(bare_model),
-        "--dataset",
-        str(word_folders),
-        "--labels",
-        str(labels),
-        "--holdout",
-        "0.1",
-        "--mode",
-        "float16",
-        "--max-accuracy-drop",
-        "5",
-        "--output",
-        str(bare_model.parent / "out"),
-    )
+    gate = ["--max-accuracy-drop", "5"]
+    code, _, err = run_cli(capsys, "quantize", str(bare_model), *common, *out_dir, *gate)
     assert code == 0, err
     assert "a single flip" not in err
 
