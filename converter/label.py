@@ -57,7 +57,7 @@ class Sorter:
         return sorted(
             p.name
             for p in self.root.iterdir()
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+            if _plain_file(p) and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
         )
 
     def classes(self) -> dict[str, int]:
@@ -65,7 +65,7 @@ class Sorter:
         return {
             d.name: sum(1 for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
             for d in sorted(self.root.iterdir())
-            if d.is_dir() and not d.name.startswith(".")
+            if d.is_dir() and not d.is_symlink() and not d.name.startswith(".")
         }
 
     def state(self) -> dict[str, Any]:
@@ -102,15 +102,25 @@ class Sorter:
             self._done.append((name, file))
 
     def undo(self) -> str | None:
-        """Move the last sorted image back; its name, or None when there is nothing to undo."""
+        """Move the last sorted image back; its name, or None when there is nothing to undo.
+        A last move that cannot be undone (the file moved on since) is said, never skipped
+        for an older one."""
         with self._lock:
-            while self._done:
-                name, file = self._done.pop()
-                source = self.root / name / file
-                if source.is_file() and not (self.root / file).exists():
-                    source.replace(self.root / file)
-                    return file
-            return None
+            if not self._done:
+                return None
+            name, file = self._done[-1]
+            source = self.root / name / file
+            if not _plain_file(source) or (self.root / file).exists():
+                self._done.pop()
+                raise BadInputError(f"{name}/{file} cannot be moved back: it changed since")
+            source.replace(self.root / file)
+            self._done.pop()
+            return file
+
+
+def _plain_file(path: Path) -> bool:
+    """A regular file, not a link (a link could lead out of the folder)."""
+    return path.is_file() and not path.is_symlink()
 
 
 def _handler(sorter: Sorter, allowed_hosts: set[str]) -> type[BaseHTTPRequestHandler]:
@@ -162,9 +172,14 @@ def _handler(sorter: Sorter, allowed_hosts: set[str]) -> type[BaseHTTPRequestHan
             if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
                 self._json({"error": "send JSON"}, HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
                 return
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > 4096:
-                self._json({"error": "too large"}, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if not 0 <= length <= 4096:
+                self._json(
+                    {"error": "give a JSON body of at most 4096 bytes"}, HTTPStatus.BAD_REQUEST
+                )
                 return
             try:
                 body = json.loads(self.rfile.read(length) or b"{}")

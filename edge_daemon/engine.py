@@ -76,8 +76,23 @@ class Engine:
         edgetpu_library: str | None = None,
         use_edgetpu: bool = False,
         verify: bool = True,
+        content: bytes | None = None,
     ) -> None:
         self.model_path = model_path
+        #: How this engine was made, for :meth:`reopen`.
+        self._made_with: dict[str, Any] = {
+            "manifest": manifest,
+            "labels": labels,
+            "colour": colour,
+            "scale": scale,
+            "offset": offset,
+            "runtime": runtime,
+            "num_threads": num_threads,
+            "edgetpu_device": edgetpu_device,
+            "edgetpu_library": edgetpu_library,
+            "use_edgetpu": use_edgetpu,
+            "verify": verify,
+        }
         self.runtime = load_runtime(runtime)
         delegates = []
         if use_edgetpu:
@@ -87,7 +102,7 @@ class Engine:
         self._num_threads = num_threads
         # Read once: interpreters made later for other batch sizes come from these bytes, not
         # from a file that may have been replaced (or half-copied) since.
-        self._content = read_model(model_path)
+        self._content = read_model(model_path) if content is None else content
         #: A short hash of the model's bytes: says which model produced a label, across reloads.
         self.digest = hashlib.sha256(self._content).hexdigest()[:12]
         first = make_interpreter(
@@ -216,6 +231,11 @@ class Engine:
             )
 
     # --- running ---------------------------------------------------------------------------
+
+    def reopen(self) -> Engine:
+        """The same model made again from the bytes it was loaded from, never from the file,
+        which may have been replaced since (by a model a reload refused, say)."""
+        return Engine(self.model_path, content=self._content, **self._made_with)
 
     @property
     def name(self) -> str:

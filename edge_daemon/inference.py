@@ -78,6 +78,11 @@ class InferenceStage:
         self._stop.set()
         self.batcher.notify()  # a wait for more crops ends now
 
+    @property
+    def latest_engine(self) -> Engine:
+        """The model that runs from the next batch on (one a reload handed over, if any)."""
+        return self._next_engine or self.engine
+
     def offer_engine(self, engine: Engine) -> None:
         """A new model, loaded and checked: it replaces the running one between two batches."""
         self._next_engine = engine
@@ -156,15 +161,24 @@ class InferenceStage:
         )
 
     def _reload_engine(self) -> None:
-        log.warning("%d batches in a row failed: reloading the model", self._failures)
+        log.warning("%d batches in a row failed: loading the model again", self._failures)
         try:
-            self.engine = self._reload()
-        except EdgeDaemonError as exc:
-            log.error("cannot reload the model: %s; stopping so systemd restarts us", exc)  # noqa: TRY400
-            # Exit 1, not the model error's 78: the model loaded at start, so this is a fault
-            # (a Coral that reset, a file being replaced) that a restart may well cure.
-            self.fatal = ReloadError(f"the model failed and could not be reloaded: {exc}")
-            self._stop.set()
-            return
+            # The very bytes that ran: the file may since hold a model a reload refused.
+            self.engine = self.engine.reopen()
+        except EdgeDaemonError as first:
+            try:
+                self.engine = self._reload()
+            except EdgeDaemonError as exc:
+                log.error(  # noqa: TRY400
+                    "cannot load the model again (%s; from its file: %s); stopping so systemd "
+                    "restarts us",
+                    first,
+                    exc,
+                )
+                # Exit 1, not the model error's 78: the model loaded at start, so this is a
+                # fault (a Coral that reset) that a restart may well cure.
+                self.fatal = ReloadError(f"the model failed and could not be loaded again: {exc}")
+                self._stop.set()
+                return
         self.reloads += 1
         self._failures = 0

@@ -76,7 +76,7 @@ class Daemon:
             settings,
             load=lambda: load_engine(settings),
             install=self.inference.offer_engine,
-            current=lambda: self.engine,
+            current=lambda: self.inference.latest_engine,
             report=self._reload_report,
         )
         regions = {c.name: self.batcher.rois(c.name) for c in self.cameras}
@@ -279,12 +279,13 @@ class Daemon:
     def _recalled(self) -> None:
         self.states.recalled()
 
-    def _reload_report(self, command_id: str | None, ok: bool, text: str) -> None:
-        """A reload's outcome on ``cmd/result`` (when the control topic is on)."""
+    def _reload_report(self, command_id: str | None, ok: bool, text: str, engine: Engine) -> None:
+        """A reload's outcome on ``cmd/result`` (when the control topic is on): the model that
+        runs from now on."""
         if self.controller is None:
             return
-        reply: dict[str, object] = {"ok": ok, "cmd": "reload", "model": self.engine.name}
-        reply["model_hash"] = self.engine.digest
+        reply: dict[str, object] = {"ok": ok, "cmd": "reload", "model": engine.name}
+        reply["model_hash"] = engine.digest
         if not ok:
             reply["error"] = text
         if command_id is not None:

@@ -59,7 +59,7 @@ class Reloader:
         load: Callable[[], Engine],
         install: Callable[[Engine], None],
         current: Callable[[], Engine],
-        report: Callable[[str | None, bool, str], None] = lambda _id, ok, text: None,
+        report: Callable[[str | None, bool, str, Engine], None] = lambda *_: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
@@ -167,7 +167,7 @@ class Reloader:
                 f"{old.name} ({old.digest})"
             )
             log.error("%s", text)  # noqa: TRY400 - one line, no traceback: the old model runs
-            self._report(command_id, False, text)
+            self._report(command_id, False, text, old)
             return
         self.last_load_s = self._clock() - started
         if (engine.digest, engine.labels) == (old.digest, old.labels) and (
@@ -175,7 +175,7 @@ class Reloader:
         ):
             text = f"model {old.name} ({old.digest}) is unchanged: kept running"
             log.info("%s", text)
-            self._report(command_id, True, text)
+            self._report(command_id, True, text, old)
             return
         self._install(engine)
         self.done += 1
@@ -184,4 +184,4 @@ class Reloader:
             f"loaded and checked in {self.last_load_s * 1000:.0f} ms"
         )
         log.info("%s", text)
-        self._report(command_id, True, text)
+        self._report(command_id, True, text, engine)

@@ -208,3 +208,33 @@ def test_the_page_refuses_other_hosts_form_posts_and_paths_outside_the_folder(
     )
     assert status == 400
     assert (crops / name).is_file()
+
+
+def test_links_out_of_the_folder_are_neither_listed_nor_served_and_lengths_are_checked(
+    crops: Path, page: str, tmp_path: Path
+) -> None:
+    import http.client
+
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"not yours")
+    (crops / "link.png").symlink_to(secret)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (crops / "linked-class").symlink_to(elsewhere)
+    with urllib.request.urlopen(page + "api/state", timeout=5) as response:
+        state = json.loads(response.read())
+    assert "link.png" not in state["unsorted"]
+    assert "linked-class" not in state["classes"]
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(page + "img/link.png", timeout=5)
+    assert refused.value.code == 404
+    refused.value.close()
+    port = int(page.rstrip("/").rsplit(":", 1)[1])
+    for length in ("-1", "lots", "5000"):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.putrequest("POST", "/api/undo", skip_accept_encoding=True)
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", length)
+        conn.endheaders()
+        assert conn.getresponse().status == 400
+        conn.close()

@@ -7,7 +7,9 @@ the publisher's threads: the daemon reported healthy, published nothing and exit
 from __future__ import annotations
 
 import logging
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +20,7 @@ from edge_daemon import preprocess
 from edge_daemon.errors import DelegateError
 from edge_daemon.inference import ReloadError
 from edge_daemon.pipeline import Daemon, StageError
-from edge_daemon.settings import CameraSettings, sample_camera
+from edge_daemon.settings import BUNDLED_MODEL, CameraSettings, sample_camera
 from tests.helpers import running, settings_for, subscriber, unique_prefix, wait_until
 
 pytestmark = pytest.mark.runtime
@@ -108,12 +110,41 @@ def test_a_model_that_cannot_be_reloaded_exits_1_for_a_restart() -> None:
         raise DelegateError("injected: cannot load the Edge TPU delegate")
 
     daemon.engine.infer = fails  # type: ignore[method-assign]
+    daemon.engine.reopen = cannot_reload  # type: ignore[method-assign]
     daemon.inference._reload = cannot_reload
     with running(daemon):
         assert wait_until(lambda: daemon.fatal is not None, timeout=20)
     assert isinstance(daemon.fatal, ReloadError)
     assert daemon.fatal.exit_code == 1
     assert "Edge TPU" in str(daemon.fatal)
+
+
+def test_failing_batches_reload_the_bytes_that_ran_not_a_file_replaced_since(
+    tmp_path: Path,
+) -> None:
+    """A model file replaced by one a reload would refuse (half copied, broken) must not turn
+    a passing fault (a Coral that reset) into a daemon that stops and cannot start again."""
+    model = tmp_path / "digits.tflite"
+    shutil.copy(BUNDLED_MODEL, model)
+    shutil.copy(BUNDLED_MODEL.with_suffix(".json"), model.with_suffix(".json"))
+    prefix = unique_prefix()
+    with subscriber(prefix) as sub:
+        daemon = Daemon(settings_for(prefix, model={"path": str(model)}))
+        broken = daemon.engine
+
+        def fails(images: Any) -> Any:
+            raise RuntimeError("injected: the delegate went away")
+
+        with running(daemon):
+            assert sub.wait_for(lambda: len(sub.labels()) >= 3)
+            model.write_bytes(b"not a model any more")
+            broken.infer = fails  # type: ignore[method-assign]
+            assert wait_until(lambda: daemon.reloads == 1, timeout=20)
+            count = len(sub.labels())
+            assert sub.wait_for(lambda: len(sub.labels()) >= count + 5)
+        assert daemon.fatal is None
+        assert daemon.engine is not broken
+        assert sub.labels()[-1]["model_hash"] == broken.digest
 
 
 def test_stop_does_not_wait_for_a_long_batch_delay() -> None:
