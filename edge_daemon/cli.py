@@ -34,12 +34,15 @@ def _batch_sizes(text: str) -> list[int]:
     return sizes
 
 
-def _within(low: float, high: float, hint: str) -> Callable[[str], float]:
-    """An argument type: a number above ``low`` and at most ``high`` (NaN never is)."""
+def _within(
+    low: float, high: float, hint: str, kind: Callable[[str], float] = float
+) -> Callable[[str], float]:
+    """An argument type: a number (``kind`` of the text) above ``low`` and at most ``high``
+    (NaN never is)."""
 
     def parse(text: str) -> float:
         try:
-            value = float(text)
+            value = kind(text)
         except ValueError:
             value = low
         if not low < value <= high:
@@ -52,16 +55,7 @@ def _within(low: float, high: float, hint: str) -> Callable[[str], float]:
 _seconds = _within(0, 600, "give a time from 0 to 600 seconds")
 _interval = _within(0, 86_400, "give seconds from 0 to 86400")
 _share = _within(0, 1, "give a share from 0 to 1, e.g. 0.08")
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 < value <= 10_000_000:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number from 1 to 10000000")
-    return value
+_count = _within(0, 10_000_000, "give a whole number from 1 to 10000000", kind=int)
 
 
 def _parser() -> argparse.ArgumentParser:
