@@ -11,12 +11,13 @@ MODEL_DIR := build/model
 DURATION ?=
 PYTEST_ARGS ?=
 
-.PHONY: help venv system-packages lint format test test-main test-tflite soak model run env-example clean
+.PHONY: help venv system-packages lint format test test-main test-tflite soak bench model run env-example clean
 
 help:
 	@echo "make run       run the daemon on the bundled model and sample clip (DURATION=15 stops)"
 	@echo "make test      lint, type-check and run every test, on both TFLite runtimes"
 	@echo "make soak      the soak test (SOAK_SECONDS=180; 3600 for an hour)"
+	@echo "make bench     the daemon against the naive loop, every workload (about 15 min)"
 	@echo "make model     train and quantise the bundled digits model"
 	@echo "make lint      ruff and mypy --strict"
 	@echo "make format    ruff format and fix"
@@ -79,6 +80,12 @@ soak: system-packages $(STAMP)
 	    $(PYTEST_ARGS) tests/test_soak.py
 
 test: system-packages lint test-main test-tflite soak
+
+# The daemon against the naive one-thread loop and each stage alone, on five workloads, from
+# one run: JSON and a PNG chart under benchmarks/results/, the ratio table on stdout. Models and
+# clips are built on demand into build/bench-cache. The broker at 127.0.0.1:1883 is used.
+bench: system-packages $(STAMP)
+	$(BIN)/python -m benchmarks.harness
 
 model: $(STAMP)
 	$(BIN)/edge-convert train --dataset digits --output $(MODEL_DIR) --epochs 12

@@ -8,16 +8,28 @@ so none is starved when there are more crops than room in a batch.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from edge_daemon.capture import Camera, Frame
+from edge_daemon.control import RateLimit
 from edge_daemon.preprocess import Image, crop
 from edge_daemon.settings import Roi
 
+if TYPE_CHECKING:
+    from edge_daemon.engine import Engine
+    from edge_daemon.manifest import InputSpec
+
+log = logging.getLogger(__name__)
+
 WHOLE_FRAME = "frame"
+
+#: A frame whose regions cover at least this many pixels has them shaped on the camera's thread.
+PREPARE_MIN_PIXELS = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +42,18 @@ class Item:
     crop: Image
     #: Where the crop is in the frame: x, y, width, height in pixels.
     box: tuple[int, int, int, int]
+    #: The crop shaped for the model on the camera's thread, and the input it was shaped for.
+    shaped: Image | None = None
+    spec: InputSpec | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A frame's regions cropped and shaped for the model by the camera's own thread, so the
+    inference thread only converts and invokes (and the work spreads over the cores)."""
+
+    spec: InputSpec
+    shaped: dict[str, Image]
 
 
 class Batcher:
@@ -44,6 +68,7 @@ class Batcher:
         self._rois: dict[str, dict[str, Roi]] = {
             c.name: dict(c.settings.rois) for c in self.cameras
         }
+        self._prepare_failed = RateLimit(rate=1 / 60, burst=1)
 
     def notify(self) -> None:
         """A camera has a new frame (called from its reader thread)."""
@@ -100,13 +125,47 @@ class Batcher:
         self._start = (self._start + 1) % max(n, 1)
         return items
 
-    def _crops(self, camera: str, frame: Frame) -> list[Item]:
+    def _boxes(self, camera: str, image: Image) -> list[tuple[str, tuple[int, int, int, int]]]:
         rois = self._rois[camera]
-        height, width = frame.image.shape[:2]
+        height, width = image.shape[:2]
         if not rois:
-            return [Item(camera, WHOLE_FRAME, frame, frame.image, (0, 0, width, height))]
+            return [(WHOLE_FRAME, (0, 0, width, height))]
+        return [(name, roi.box(width, height)) for name, roi in rois.items()]
+
+    def prepare(self, camera: str, image: Image, engine: Engine) -> Prepared | None:
+        """Every region of ``image`` shaped for ``engine`` (called on the camera's thread);
+        None when the regions are small (or shaping fails): the inference thread shapes them.
+
+        Resizing runs in OpenCV without Python's interpreter lock, so on the camera's thread it
+        runs beside inference: a 720x720 crop to 128x128 takes about 1.7 ms. Regions of one size
+        are shaped together (:meth:`Engine.shape_many`), a few calls per frame: one by one, 16
+        small regions cost 32 hand-overs of that lock per frame, which made 4 such cameras a
+        fifth slower than shaping on the inference thread. A frame's regions that cover fewer
+        than ``PREPARE_MIN_PIXELS`` are cheaper to shape where they are used.
+        """
+        boxes = self._boxes(camera, image)
+        if sum(b[1][2] * b[1][3] for b in boxes) < PREPARE_MIN_PIXELS:
+            return None
+        try:
+            images = engine.shape_many([crop(image, box) for _, box in boxes])
+            shaped = {name: shaped for (name, _), shaped in zip(boxes, images, strict=True)}
+        except Exception:
+            log.log(
+                logging.WARNING if self._prepare_failed.allow() else logging.DEBUG,
+                "camera %s: shaping the regions failed; the inference thread will",
+                camera,
+                exc_info=True,
+            )
+            return None
+        return Prepared(engine.input_spec, shaped)
+
+    def _crops(self, camera: str, frame: Frame) -> list[Item]:
+        prepared = frame.prepared if isinstance(frame.prepared, Prepared) else None
         items = []
-        for name, roi in rois.items():
-            box = roi.box(width, height)
-            items.append(Item(camera, name, frame, crop(frame.image, box), box))
+        for name, box in self._boxes(camera, frame.image):
+            if prepared is not None:
+                shaped, spec = prepared.shaped.get(name), prepared.spec
+            else:
+                shaped, spec = None, None
+            items.append(Item(camera, name, frame, crop(frame.image, box), box, shaped, spec))
         return items

@@ -168,7 +168,7 @@ def bench(settings: Settings, sizes: list[int], seconds: float, as_json: bool) -
     if not all(r.same_as_batch_1 for r in results):
         print(
             "edge-daemon: warning: batched predictions differ from batch 1 on this runtime; "
-            "set EDGE_INFERENCE__MAX_BATCH=1",
+            "set EDGE_INFERENCE__BATCHING=off",
             file=sys.stderr,
         )
         return 1

@@ -1,9 +1,11 @@
 """Cameras: read a source on a thread, keep only the freshest frame, reconnect.
 
-One :class:`Camera` per source. Its reader thread reads continuously and overwrites a single
-slot, so a slow inference never makes latency or memory grow. Frames that the FPS cap (or a
-pause) would drop are only grabbed: no colour conversion or copy (and for a device sending
-MJPEG, no JPEG decode; FFmpeg sources still decode on grab). A source that fails to open,
+One :class:`Camera` per source. Its reader thread grabs every frame of a live source, so a slow
+inference never makes latency or memory grow, and retrieves one only when it will be used: the
+last one was taken and the FPS cap allows it. A frame only grabbed costs no colour conversion
+or copy (and for a device sending MJPEG, no JPEG decode; FFmpeg sources still decode on grab).
+A file read as fast as it decodes is pulled instead: its next frame is read once the last one
+was taken. A source that fails to open,
 stops delivering, or ends is closed and reopened with jittered exponential backoff, by its own
 thread, independently of every other camera. The capture belongs to that thread alone: it opens
 it, reads it and releases it, so no other thread can release a capture a read is inside. The
@@ -23,7 +25,7 @@ import numpy as np
 
 from edge_daemon.backoff import Backoff
 from edge_daemon.errors import CaptureError
-from edge_daemon.preprocess import Image
+from edge_daemon.preprocess import Image, as_image
 from edge_daemon.settings import CameraSettings
 from edge_daemon.sources import Opener, VideoSource, open_source, redact, source_kind
 from edge_daemon.stage import StageThread
@@ -42,6 +44,9 @@ class Frame:
     number: int
     monotonic: float
     wall: float
+    #: What the camera's ``prepare`` made of the image on its own thread (the regions shaped
+    #: for the model), if anything.
+    prepared: object = None
 
 
 class Camera:
@@ -65,6 +70,8 @@ class Camera:
         self._opener = opener
         self._backoff = backoff or Backoff(0.5, 30.0)
         self._lock = threading.Lock()
+        #: Signalled when a frame is taken: a pulled file reads its next one.
+        self._taken_cond = threading.Condition(self._lock)
         self._status_lock = threading.Lock()
         self._frame: Frame | None = None
         self._seq = 0
@@ -74,6 +81,9 @@ class Camera:
         self._last_frame_at = 0.0
         #: Paused cameras keep reading (so a resume is instant) but give no frames to batches.
         self.paused = False
+        #: Work done on each kept frame on this camera's thread (the daemon shapes the regions
+        #: for the model here, beside inference instead of in its way).
+        self.prepare: Callable[[Image], object] | None = None
         self.frames_read = 0
         self.frames_skipped = 0
         self.reopens = 0
@@ -95,10 +105,12 @@ class Camera:
     def request_stop(self) -> None:
         """Ask the reader to stop, without waiting for it."""
         self._stop.set()
+        with self._lock:
+            self._taken_cond.notify_all()
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop reading; the thread ends once its current read returns."""
-        self._stop.set()
+        self.request_stop()
         if self.thread is not None:
             self.thread.join(timeout)
 
@@ -133,6 +145,7 @@ class Camera:
             if self._seq == self._taken or self._frame is None:
                 return None
             self._taken = self._seq
+            self._taken_cond.notify_all()
             return self._frame
 
     def last_frame_age(self) -> float:
@@ -215,6 +228,9 @@ class Camera:
         is_file = self.kind == "file"
         file_fps = capture.get(cv2.CAP_PROP_FPS) if is_file else 0.0
         pace = 1.0 / file_fps if is_file and self.settings.realtime and 0 < file_fps < 1000 else 0
+        # A file read as fast as it decodes is pulled: the next frame is read once the last
+        # one was taken, so none is decoded to be thrown away.
+        pull = is_file and not pace
         min_gap = 1.0 / self.settings.fps if self.settings.fps else 0.0
         counter = 0
         failures = 0
@@ -222,16 +238,24 @@ class Camera:
         last_kept = -1e9
         next_due = time.monotonic()
         while not self._stop.is_set():
+            if pull and self.paused:
+                self._stop.wait(max(0.0, 1.0 - (time.monotonic() - last_kept)))
+            elif pull and not self._wait_until_taken():
+                break
+            if pace:
+                delay = next_due - time.monotonic()
+                if delay > 0:
+                    self._stop.wait(delay)
+                next_due = max(next_due + pace, time.monotonic() - pace)
             position = int(capture.get(cv2.CAP_PROP_POS_FRAMES)) if is_file else counter
-            # Decide before reading: a frame nobody will use is grabbed, not decoded (a paused
-            # camera still keeps one frame a second, for snapshots).
-            gap = max(min_gap, 1.0) if self.paused else min_gap
-            wanted = not gap or time.monotonic() - last_kept >= gap * 0.98
-            if wanted:
-                ok, image = capture.read()
-            else:
-                ok, image = capture.grab(), None
+            ok = capture.grab()
             now = time.monotonic()
+            image = None
+            wanted = ok and self._wanted(now - last_kept, min_gap)
+            if wanted:
+                # Decided after the grab, at the last moment: only a frame that will be used
+                # is retrieved (colour conversion and copy; for MJPEG the JPEG decode too).
+                ok, image = capture.retrieve()
             if not ok or (wanted and image is None):
                 if is_file and counter > 0 and self.settings.loop:
                     capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
@@ -257,20 +281,40 @@ class Camera:
             last_good = now
             counter += 1
             self._backoff.reset()
-            self._last_frame_at = now
-            if pace:
-                next_due += pace
-                delay = next_due - time.monotonic()
-                if delay > 0:
-                    self._stop.wait(delay)
-                else:
-                    next_due = time.monotonic()
+            self._alive(now)  # a grabbed frame shows the source is there, retrieved or not
             if not wanted:
                 self.frames_skipped += 1
                 continue
             last_kept = now
-            self.offer(Frame(np.ascontiguousarray(image), position, time.monotonic(), time.time()))
+            self.offer(self._kept(image, position, now))
         return "stopped"
+
+    def _kept(self, image: object, position: int, grabbed: float) -> Frame:
+        """A kept frame, with what ``prepare`` makes of it on this thread."""
+        kept = as_image(np.ascontiguousarray(image))
+        prepared = self.prepare(kept) if self.prepare is not None else None
+        return Frame(kept, position, grabbed, time.time(), prepared)
+
+    def _wanted(self, since_kept: float, min_gap: float) -> bool:
+        """Whether the frame just grabbed is to be retrieved: the FPS cap allows it and the
+        last one was taken (a frame that would only replace an untaken one is never used). A
+        paused camera keeps one a second, for snapshots."""
+        if self.paused:
+            return since_kept >= 1.0
+        if min_gap and since_kept < min_gap * 0.98:
+            return False
+        return self._seq == self._taken
+
+    def _wait_until_taken(self) -> bool:
+        """Block until the last frame offered was taken (or the camera paused); False on stop.
+        Waiting for inference is no stall: the frame clock is kept fresh meanwhile."""
+        with self._lock:
+            while self._seq != self._taken and not self.paused:
+                if self._stop.is_set():
+                    return False
+                self._last_frame_at = time.monotonic()
+                self._taken_cond.wait(0.2)
+        return not self._stop.is_set()
 
     def offer(self, frame: Frame) -> None:
         """Make ``frame`` the freshest (the reader thread hands each kept frame over here)."""
@@ -278,7 +322,12 @@ class Camera:
             self._frame = frame
             self._seq += 1
         self.frames_read += 1
-        self._last_frame_at = frame.monotonic
-        self._open_failure = ""
-        self._set_online(True, "frames arriving")
+        self._alive(frame.monotonic)
         self._on_frame()
+
+    def _alive(self, at: float) -> None:
+        """A frame arrived at ``at``: the source is online."""
+        self._last_frame_at = at
+        self._open_failure = ""
+        if not self._online:
+            self._set_online(True, "frames arriving")

@@ -161,11 +161,17 @@ def _run_until_stopped(
     args: argparse.Namespace, stop: threading.Event, reload: threading.Event
 ) -> int:
     from edge_daemon.config import load_settings  # noqa: PLC0415 - a fast --help
+    from edge_daemon.runtime import probe_in_background  # noqa: PLC0415
+
+    settings = load_settings(args.env_file)
+    if settings.model.delegate == "cpu":
+        # The model's check in a child process overlaps the imports below.
+        probe_in_background(settings.model.path, settings.model.runtime)
+
     from edge_daemon.engine import model_summary  # noqa: PLC0415
     from edge_daemon.pipeline import Daemon  # noqa: PLC0415
     from edge_daemon.sources import quiet_opencv  # noqa: PLC0415
 
-    settings = load_settings(args.env_file)
     _setup_logging(settings.log_level, args.debug)
     quiet_opencv(args.debug)
     daemon = Daemon(settings)

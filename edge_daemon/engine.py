@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_daemon import postprocess
+from edge_daemon.batching import BatchChoice
 from edge_daemon.errors import DelegateError, ModelError
 from edge_daemon.manifest import (
     ColourOrder,
@@ -31,7 +32,7 @@ from edge_daemon.manifest import (
     read_labels,
     read_manifest,
 )
-from edge_daemon.preprocess import Image, preprocess_into
+from edge_daemon.preprocess import Image, pixel_table, resize, to_colour
 from edge_daemon.runtime import (
     RuntimeName,
     load_edgetpu_delegate,
@@ -158,6 +159,8 @@ class Engine:
         self.resizes = 0
         #: Set once any output showed values outside 0..1: the model gives logits.
         self._logits = self.output_spec.kind == "logits"
+        #: Whether ``infer`` runs several crops as one batch (learnt per size in ``auto``).
+        self.batching = BatchChoice("auto", self.name)
 
     @classmethod
     def from_path(cls, model_path: Path, **kwargs: Any) -> Engine:
@@ -235,7 +238,9 @@ class Engine:
     def reopen(self) -> Engine:
         """The same model made again from the bytes it was loaded from, never from the file,
         which may have been replaced since (by a model a reload refused, say)."""
-        return Engine(self.model_path, content=self._content, **self._made_with)
+        engine = Engine(self.model_path, content=self._content, **self._made_with)
+        engine.batching = BatchChoice(self.batching.mode, engine.name)
+        return engine
 
     @property
     def name(self) -> str:
@@ -315,22 +320,61 @@ class Engine:
         return np.concatenate([self._invoke(one, copy_from(batch[i : i + 1])) for i in range(n)])
 
     def infer(self, images: Sequence[Image]) -> npt.NDArray[np.generic]:
-        """Raw output for raw images (BGR or gray crops), each preprocessed straight into the
-        interpreter's input tensor: no batch array in between."""
+        """Raw output for raw images (BGR or gray crops)."""
+        return self.infer_shaped([self.shape(image) for image in images])
+
+    def shape(self, image: Image) -> Image:
+        """A crop resized and colour-converted for the model: still 8-bit pixels, small (the
+        daemon compares these to see whether a region changed)."""
         spec = self.input_spec
+        return to_colour(resize(image, spec.width, spec.height), spec.colour)
+
+    def shape_many(self, images: Sequence[Image]) -> list[Image]:
+        """:meth:`shape` of each image; crops of one size that shrink are stacked and resized
+        in one call. Area averaging maps each crop's rows onto exactly its own output rows (the
+        crop boundaries fall on output boundaries), so no pixel mixes two crops: three OpenCV
+        calls instead of three per crop, which on small crops cost more than the work."""
+        spec = self.input_spec
+        out: list[Image | None] = [None] * len(images)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, image in enumerate(images):
+            groups.setdefault(image.shape, []).append(i)
+        for size, members in groups.items():
+            shrinking = size[0] >= spec.height and size[1] >= spec.width
+            if len(members) < 2 or not shrinking or size[:2] == (spec.height, spec.width):
+                for i in members:
+                    out[i] = self.shape(images[i])
+                continue
+            stacked = np.concatenate([images[i] for i in members], axis=0)
+            tall = to_colour(resize(stacked, spec.width, spec.height * len(members)), spec.colour)
+            for n, i in enumerate(members):
+                out[i] = tall[n * spec.height : (n + 1) * spec.height]
+        return [image for image in out if image is not None]
+
+    def infer_shaped(self, shaped: Sequence[Image]) -> npt.NDArray[np.generic]:
+        """Raw output for images from :meth:`shape`, each converted straight into the
+        interpreter's input tensor (one table lookup: no batch array in between)."""
+        table = pixel_table(self.input_spec)
 
         def fill_all(view: npt.NDArray[np.generic]) -> None:
-            for slot, image in zip(view, images, strict=True):
-                preprocess_into(image, spec, slot)
+            for slot, image in zip(view, shaped, strict=True):
+                np.take(table, image, out=slot)
 
+        n = len(shaped)
+        started = time.perf_counter()
+        batched = self.batched and self.batching.batch(n)
+        if batched:
+            out = self._invoke(self._interpreter_for(n), fill_all)
+        else:
+
+            def fill_one(image: Image) -> Callable[[npt.NDArray[np.generic]], None]:
+                return lambda view: np.take(table, image, out=view[0])
+
+            one = self.interpreter
+            out = np.concatenate([self._invoke(one, fill_one(image)) for image in shaped])
         if self.batched:
-            return self._invoke(self._interpreter_for(len(images)), fill_all)
-
-        def fill_one(image: Image) -> Callable[[npt.NDArray[np.generic]], None]:
-            return lambda view: preprocess_into(image, spec, view[0])
-
-        one = self.interpreter
-        return np.concatenate([self._invoke(one, fill_one(image)) for image in images])
+            self.batching.record(n, batched, time.perf_counter() - started)
+        return out
 
     def probabilities(self, raw: npt.NDArray[np.generic]) -> postprocess.Scores:
         """Class probabilities in [0, 1] from raw output; rows with NaN or infinity stay
@@ -357,6 +401,12 @@ class Engine:
 
 def load_engine(settings: Settings) -> Engine:
     """Load the configured model; on the Edge TPU, fall back to a CPU model when one is set."""
+    engine = _load_engine(settings)
+    engine.batching = BatchChoice(settings.inference.batching, engine.name)
+    return engine
+
+
+def _load_engine(settings: Settings) -> Engine:
     cfg = settings.model
     labels = read_labels(cfg.labels) if cfg.labels else None
     common: dict[str, object] = {

@@ -12,6 +12,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+
+import cv2
 
 from edge_daemon import postprocess
 from edge_daemon.batcher import Batcher, Item
@@ -19,6 +22,7 @@ from edge_daemon.control import RateLimit
 from edge_daemon.engine import Engine
 from edge_daemon.errors import EdgeDaemonError
 from edge_daemon.prediction import Prediction
+from edge_daemon.preprocess import Image
 from edge_daemon.settings import InferenceSettings
 from edge_daemon.stage import StageThread
 from edge_daemon.stats import InferenceStats
@@ -32,6 +36,17 @@ class ReloadError(EdgeDaemonError):
 
 #: Batches that fail one after another before the model is loaded again.
 MAX_CONSECUTIVE_FAILURES = 3
+
+
+@dataclass(frozen=True, slots=True)
+class _Last:
+    """A region's crop as last classified (model-sized, 8-bit), its best classes, when, and
+    the size of the batch it ran in."""
+
+    shaped: Image
+    top: tuple[postprocess.Class, ...]
+    at: float
+    batch: int
 
 
 class InferenceStage:
@@ -66,6 +81,10 @@ class InferenceStage:
         #: A new model handed over by a reload, swapped in before the next batch.
         self._next_engine: Engine | None = None
         self._invalid_log = RateLimit(rate=1 / 60, burst=1)
+        #: Per region, the crop last classified and its result (to skip unchanged crops).
+        self._last: dict[tuple[str, str], _Last] = {}
+        #: The live difference below which a crop counts as unchanged (0: never).
+        self.unchanged_below = settings.unchanged_below
         self._stop = threading.Event()
         self.thread = StageThread("inference", self._loop)
 
@@ -99,6 +118,7 @@ class InferenceStage:
             if engine is not None:
                 self.engine = engine  # the old one's interpreters go with the last reference
                 self._failures = 0
+                self._last.clear()  # the old model's results are not the new one's
             items = self.batcher.next_batch(self._stop)
             if not items:
                 if self._stop.is_set():
@@ -109,11 +129,19 @@ class InferenceStage:
                 return
 
     def run_batch(self, items: list[Item]) -> None:
-        """Classify one batch and emit its predictions; a failure drops the batch."""
+        """Classify one batch and emit its predictions; a failure drops the batch. A region
+        that did not change since it was last classified reuses that result."""
         started = time.perf_counter()
+        engine = self.engine
         try:
-            raw = self.engine.infer([item.crop for item in items])
-            scores = self.engine.probabilities(raw)
+            shaped = self._shaped(engine, items)
+            now = time.monotonic()
+            fresh = [
+                i for i, image in enumerate(shaped) if not self._unchanged(items[i], image, now)
+            ]
+            if fresh:
+                raw = engine.infer_shaped([shaped[i] for i in fresh])
+                scores = engine.probabilities(raw)
         except Exception:
             self.stats.errors += 1
             self._failures += 1
@@ -123,19 +151,69 @@ class InferenceStage:
             return
         self._failures = 0
         inference_ms = (time.perf_counter() - started) * 1000.0
-        self.stats.add_batch(len(items), inference_ms)
-        finite = postprocess.finite_rows(scores)
-        for item, row, ok in zip(items, scores, finite, strict=True):
-            if ok:
-                self._emit(item, self._prediction(item, row, inference_ms, len(items)))
+        if fresh:
+            self.stats.add_batch(len(fresh), inference_ms)
+        self.stats.reused += len(items) - len(fresh)
+        tops: dict[int, tuple[postprocess.Class, ...]] = {}
+        if fresh:
+            finite = postprocess.finite_rows(scores)
+            ok = [i for i, good in zip(fresh, finite, strict=True) if good]
+            rows = scores[finite]
+            found = postprocess.top_k_rows(rows, engine.labels, self.settings.top_k)
+            tops = dict(zip(ok, found, strict=True))
+            if self.unchanged_below:
+                for i in ok:
+                    self._last[(items[i].camera, items[i].roi)] = _Last(
+                        shaped[i], tops[i], now, len(fresh)
+                    )
+        fresh_set = set(fresh)
+        for i, item in enumerate(items):
+            if i in tops:
+                self._emit(item, self._prediction(item, tops[i], inference_ms, len(fresh)))
+            elif i not in fresh_set:
+                last = self._last[(item.camera, item.roi)]
+                self._emit(item, self._prediction(item, last.top, 0.0, last.batch, reused=True))
             else:
+                self._last.pop((item.camera, item.roi), None)
                 self._drop_invalid(item)
 
+    @staticmethod
+    def _shaped(engine: Engine, items: list[Item]) -> list[Image]:
+        """Each crop as the model takes it: shaped by its camera's thread for this model, or
+        here, the small ones all together."""
+        spec = engine.input_spec
+        todo = [i for i, item in enumerate(items) if item.shaped is None or item.spec is not spec]
+        made = dict(zip(todo, engine.shape_many([items[i].crop for i in todo]), strict=True))
+        out: list[Image] = []
+        for i, item in enumerate(items):
+            ready = made.get(i, item.shaped)
+            assert ready is not None  # every item not shaped before is in ``made``
+            out.append(ready)
+        return out
+
+    def _unchanged(self, item: Item, image: Image, now: float) -> bool:
+        """Whether the region's crop is nearly the one last classified, recently enough."""
+        if not self.unchanged_below:
+            return False
+        last = self._last.get((item.camera, item.roi))
+        if last is None or now - last.at > self.settings.unchanged_max_age_s:
+            return False
+        if last.shaped.shape != image.shape:
+            return False
+        difference = cv2.norm(last.shaped, image, cv2.NORM_L1) / (image.size * 255.0)
+        return bool(difference < self.unchanged_below)
+
     def _prediction(
-        self, item: Item, row: postprocess.Scores, inference_ms: float, batch: int
+        self,
+        item: Item,
+        top: tuple[postprocess.Class, ...],
+        inference_ms: float,
+        batch: int,
+        *,
+        reused: bool = False,
     ) -> Prediction:
         return Prediction.from_top(
-            postprocess.top_k(row, self.engine.labels, self.settings.top_k),
+            top,
             self.threshold,
             device=self.device,
             camera=item.camera,
@@ -147,6 +225,7 @@ class InferenceStage:
             latency_ms=(time.monotonic() - item.frame.monotonic) * 1000.0,
             inference_ms=inference_ms,
             batch=batch,
+            reused=reused,
         )
 
     def _drop_invalid(self, item: Item) -> None:

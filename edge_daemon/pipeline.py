@@ -10,18 +10,20 @@ while inference makes progress.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from typing import Any
 
 from edge_daemon import control, homeassistant
-from edge_daemon.batcher import Batcher, Item
+from edge_daemon.batcher import Batcher, Item, Prepared
 from edge_daemon.capture import Camera
 from edge_daemon.engine import Engine, load_engine
 from edge_daemon.errors import EdgeDaemonError
 from edge_daemon.inference import InferenceStage
 from edge_daemon.prediction import EncodeError, Prediction, encode
+from edge_daemon.preprocess import Image
 from edge_daemon.publisher import Publisher
 from edge_daemon.reload import Reloader
 from edge_daemon.scene import StateStage
@@ -79,6 +81,8 @@ class Daemon:
             current=lambda: self.inference.latest_engine,
             report=self._reload_report,
         )
+        for camera in self.cameras:
+            camera.prepare = functools.partial(self._prepare, camera.name)
         regions = {c.name: self.batcher.rois(c.name) for c in self.cameras}
         self.states = StateStage(
             settings,
@@ -260,6 +264,10 @@ class Daemon:
 
     def _notify(self) -> None:
         self.batcher.notify()
+
+    def _prepare(self, camera: str, image: Image) -> Prepared | None:
+        """On a camera's thread: its regions shaped for the model that will run them."""
+        return self.batcher.prepare(camera, image, self.inference.latest_engine)
 
     def _camera_status(self, name: str, online: bool, why: str) -> None:
         del why

@@ -96,3 +96,15 @@ def top_k(
     k = min(k, row.shape[0])
     order = np.argsort(-row, kind="stable")[:k]
     return tuple(Class(int(i), labels[i], float(row[i])) for i in order if row[i] >= threshold)
+
+
+def top_k_rows(rows: Scores, labels: tuple[str, ...], k: int = 1) -> list[tuple[Class, ...]]:
+    """:func:`top_k` of every row at once (one sort for the whole batch), best first, ties to
+    the lower class index."""
+    k = min(k, rows.shape[1])
+    order = np.argsort(-rows, axis=1, kind="stable")[:, :k]
+    values = np.take_along_axis(rows, order, axis=1).tolist()
+    return [
+        tuple(Class(i, labels[i], v) for i, v in zip(indices, scores, strict=True))
+        for indices, scores in zip(order.tolist(), values, strict=True)
+    ]

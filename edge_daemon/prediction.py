@@ -7,6 +7,7 @@ prediction against it. JSON has no NaN or Infinity, so encoding refuses them
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,8 +23,10 @@ class EncodeError(ValueError):
     """A payload holds a value JSON cannot carry (NaN or infinity)."""
 
 
+@functools.lru_cache(maxsize=256)
 def iso_utc(wall: float) -> str:
-    """A wall-clock time as ISO 8601 UTC with milliseconds."""
+    """A wall-clock time as ISO 8601 UTC with milliseconds (cached: a frame's regions share
+    their capture time)."""
     return datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds")
 
 
@@ -56,6 +59,8 @@ class Prediction:
     latency_ms: float
     inference_ms: float
     batch: int
+    #: True when the crop was nearly the one last classified and this repeats its result.
+    reused: bool = False
 
     @classmethod
     def from_top(cls, top: tuple[Class, ...], threshold: float, **fields: Any) -> Prediction:
@@ -85,7 +90,7 @@ class Prediction:
             "latency_ms": round(self.latency_ms, 3),
             "inference_ms": round(self.inference_ms, 3),
             "batch": self.batch,
-        }
+        } | ({"reused": True} if self.reused else {})
 
     def to_json(self) -> bytes:
         """The payload as compact JSON; :class:`EncodeError` for NaN or infinity."""

@@ -1,13 +1,14 @@
 """The MQTT side: connection, availability, topics, and a bounded queue that never blocks.
 
-``publish()`` only appends to a bounded queue; a sender thread hands messages to paho while the
-broker is connected, keeping at most a window of QoS 1/2 messages unacknowledged, so paho's own
-queue stays small. When the broker is slow or away the queue fills and the oldest messages are
-dropped and counted: live labels want the newest. States, events, snapshots and replies go in
-a second lane (``keep=True``) that is sent first and never loses a message to a flood of
-labels. The retained ``status`` is ``online`` while
-connected, with a retained ``offline`` last will, and ``offline`` is published before a clean
-disconnect (the broker sends the will only on an unclean one).
+``publish()`` never blocks. While the broker is connected, nothing is queued and the window has
+room, the caller hands the message to paho itself: a label costs what paho's publish costs.
+Otherwise it goes into a bounded queue that a sender thread hands to paho, keeping at most a
+window of QoS 1/2 messages unacknowledged, so paho's own queue stays small. When the broker is
+slow or away the queue fills and the oldest messages are dropped and counted: live labels want
+the newest. States, events, snapshots and replies go in a second lane (``keep=True``) that is
+sent first and never loses a message to a flood of labels. The retained ``status`` is
+``online`` while connected, with a retained ``offline`` last will, and ``offline`` is published
+before a clean disconnect (the broker sends the will only on an unclean one).
 
 What went wrong with the connection is said by :mod:`edge_daemon.connection`, once per
 reason and never from paho's network thread.
@@ -115,6 +116,10 @@ class Publisher:
         self._priority: collections.deque[Message] = collections.deque()
         self._recall: Recall | None = None
         self._cond = threading.Condition()
+        #: Held while a message is handed to paho, by the sender or a direct publish: one at a
+        #: time, so messages reach paho in the order they left the lanes. Taken before
+        #: ``_cond``, never after.
+        self._send_lock = threading.Lock()
         self._connected = False
         #: Messages handed to paho and not yet confirmed, by message id: their QoS.
         self._pending: dict[int, int] = {}
@@ -264,6 +269,15 @@ class Publisher:
         # Kept messages go at least once: a QoS 0 one put back after a broken connection
         # could land in front of the new connection's ``online``.
         message = Message(topic, payload, max(qos, 1) if keep else qos, retain)
+        if not keep:
+            # The common case costs what paho's publish costs: with nothing queued and room in
+            # the window, the caller hands the message to paho itself (no queue, no thread).
+            with self._send_lock:
+                with self._cond:
+                    direct = not self._queue and not self._priority and self._can_send(True)
+                if direct:
+                    self._hand_over(message)
+                    return
         with self._cond:
             lane = self._priority if keep else self._queue
             if keep and retain:
@@ -382,16 +396,22 @@ class Publisher:
         with self._cond:
             if self._pending.pop(mid, None) is None:
                 self._acked_early.add(mid)
-            self._cond.notify_all()
+            if self._queue or self._priority:
+                # Room in the window for what waits; with nothing queued nobody needs waking
+                # (``stop`` polls), and waking the sender on every acknowledgement costs.
+                self._cond.notify_all()
 
     # --- sender thread ---------------------------------------------------------------------
 
-    def _can_send(self) -> bool:
-        """Called under the lock: connected, something queued, room in the window, and no
-        re-sent messages from before a reconnect still unconfirmed."""
-        waiting = self._queue or self._priority
+    def _can_send(self, direct: bool = False) -> bool:
+        """Called under the lock: connected, something queued (or ``direct``: one in hand),
+        room in the window, and no re-sent messages from before a reconnect still
+        unconfirmed."""
+        waiting = direct or self._queue or self._priority
         if not (self._connected and waiting and len(self._pending) < INFLIGHT_WINDOW):
             return False
+        if direct and self._stopping:
+            return False  # from here on everything goes through the lanes, behind ``offline``
         return not (self._pending and time.monotonic() < self._drain_until)
 
     def _send_loop(self) -> None:
@@ -401,30 +421,38 @@ class Publisher:
                     self._cond.wait(0.2)
                 if self._stop.is_set():
                     return
-                lane = self._priority if self._priority else self._queue
-                message = lane.popleft()
-            # Not under our lock: paho calls on_publish holding its own, which would deadlock.
-            info = self._client.publish(
-                message.topic, message.payload, qos=message.qos, retain=message.retain
-            )
-            if info.rc == mqtt.MQTT_ERR_NO_CONN and message.qos == 0:
-                # The connection broke and paho's on_disconnect has not run yet: keep it for
-                # the next connection, and let on_disconnect say we are offline.
+            with self._send_lock:
                 with self._cond:
-                    lane.appendleft(message)
-                    self._cond.wait(0.05)
-                continue
-            # At QoS 1 and 2 paho keeps a message it could not send and sends it once
-            # connected again (NO_CONN included): it is handed over, like a sent one.
-            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-                log.warning(
-                    "could not publish to %s: %s", message.topic, mqtt.error_string(info.rc)
-                )
-                continue
-            with self._cond:
-                if info.mid in self._acked_early:
-                    self._acked_early.discard(info.mid)
-                else:
-                    self._pending[info.mid] = message.qos
-            # paho calls on_publish for every message: when QoS 0 is written, when 1/2 is acked.
-            self.sent += 1
+                    if not self._can_send():
+                        continue
+                    lane = self._priority if self._priority else self._queue
+                    message = lane.popleft()
+                if not self._hand_over(message):
+                    with self._cond:
+                        lane.appendleft(message)
+                        self._cond.wait(0.05)
+
+    def _hand_over(self, message: Message) -> bool:
+        """Give ``message`` to paho (the caller holds ``_send_lock``, which keeps each topic in
+        order); False when it must be kept for the next connection."""
+        # Not under ``_cond``: paho calls on_publish holding its own lock, which would deadlock.
+        info = self._client.publish(
+            message.topic, message.payload, qos=message.qos, retain=message.retain
+        )
+        if info.rc == mqtt.MQTT_ERR_NO_CONN and message.qos == 0:
+            # The connection broke and paho's on_disconnect has not run yet: keep it for the
+            # next connection, and let on_disconnect say we are offline.
+            return False
+        # At QoS 1 and 2 paho keeps a message it could not send and sends it once connected
+        # again (NO_CONN included): it is handed over, like a sent one.
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            log.warning("could not publish to %s: %s", message.topic, mqtt.error_string(info.rc))
+            return True
+        with self._cond:
+            if info.mid in self._acked_early:
+                self._acked_early.discard(info.mid)
+            else:
+                self._pending[info.mid] = message.qos
+        # paho calls on_publish for every message: when QoS 0 is written, when 1/2 is acked.
+        self.sent += 1
+        return True

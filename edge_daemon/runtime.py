@@ -8,12 +8,15 @@ last resort on a workstation. Imports happen when a model is loaded, never at im
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import platform
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -114,6 +117,53 @@ def load_edgetpu_delegate(
         ) from exc
 
 
+#: Checks started early (:func:`probe_in_background`), by model path: the future gives the
+#: digest of the bytes checked, the runtime's name, and the error found (None: loads fine).
+_early: dict[str, Future[tuple[str, str, ModelError | None]]] = {}
+
+
+def probe_in_background(model_path: Path, prefer: RuntimeName = "auto") -> None:
+    """Start checking ``model_path`` in a child process now, on a thread of its own, while the
+    daemon imports and wires everything else; :func:`make_interpreter` then waits for this
+    outcome instead of checking the same bytes again. Anything wrong here (no file, no
+    runtime) is left for the real load to report."""
+    future: Future[tuple[str, str, ModelError | None]] = Future()
+    _early[str(model_path)] = future
+
+    def check() -> None:
+        try:
+            data = read_model(model_path)
+            runtime = load_runtime(prefer)
+            digest = hashlib.sha256(data).hexdigest()
+            try:
+                _probe_load(model_path, runtime, data)
+            except ModelError as exc:
+                future.set_result((digest, runtime.name, exc))
+                return
+            future.set_result((digest, runtime.name, None))
+        except BaseException as exc:  # noqa: BLE001 - handed over, not lost
+            future.set_exception(exc)
+
+    threading.Thread(target=check, name="model-check", daemon=True).start()
+
+
+def _probed_early(model_path: Path, runtime: Runtime, content: bytes) -> bool:
+    """True when an early check of these very bytes on this runtime passed; raises what it
+    found wrong. False when there was none (or it could not run): check now."""
+    future = _early.pop(str(model_path), None)
+    if future is None:
+        return False
+    try:
+        digest, runtime_name, error = future.result(timeout=180)
+    except Exception:  # noqa: BLE001 - the check is made again, here
+        return False
+    if runtime_name != runtime.name or digest != hashlib.sha256(content).hexdigest():
+        return False
+    if error is not None:
+        raise error
+    return True
+
+
 def _probe_load(model_path: Path, runtime: Runtime, content: bytes) -> None:
     """Load the model (the very bytes this process will load) once in a child process first.
 
@@ -196,7 +246,7 @@ def make_interpreter(
     as the interpreter: the runtime does not copy it.
     """
     data = read_model(model_path) if content is None else content
-    if verify and not delegates:
+    if verify and not delegates and not _probed_early(model_path, runtime, data):
         _probe_load(model_path, runtime, data)
     try:
         interpreter = runtime.interpreter_class(

@@ -138,9 +138,18 @@ class InferenceSettings(Group):
     """Batching and what counts as a prediction."""
 
     max_batch: int = Field(default=8, ge=1, le=256)
-    """Run a batch once this many crops are ready..."""
-    max_delay_ms: float = Field(default=20.0, ge=0, le=10_000)
-    """...or this long after the first one arrived."""
+    """At most this many crops in one round (a camera's regions always go together)."""
+    max_delay_ms: float = Field(default=0.0, ge=0, le=10_000)
+    """Wait this long after the first crop for more (0: never wait; take what is ready)."""
+    batching: Literal["auto", "on", "off"] = "auto"
+    """Run a round's crops as one batch (on), one by one (off), or whichever this model
+    measured faster per image on this board (auto; learnt from the first rounds)."""
+    unchanged_below: float = Field(default=0.005, ge=0, le=1)
+    """A region whose model-sized crop differs from the one last classified by less than this
+    (mean absolute difference, a share of full scale) reuses that prediction instead of
+    running the model again; 0 classifies every crop."""
+    unchanged_max_age_s: float = Field(default=1.0, ge=0, le=3600)
+    """...for at most this long: an unchanged region is still classified this often."""
     top_k: int = Field(default=3, ge=1, le=100)
     """How many classes each prediction lists."""
     threshold: float = Field(default=0.5, ge=0, le=1)

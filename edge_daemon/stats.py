@@ -27,8 +27,15 @@ class InferenceStats:
     errors: int = 0
     #: Crops whose output held NaN or infinity: dropped, not published.
     invalid: int = 0
+    #: Crops nearly identical to the ones last classified, whose results were reused.
+    reused: int = 0
     inference_ms_total: float = 0.0
     batch_sizes: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def predictions(self) -> int:
+        """Predictions made: crops classified and crops that reused an earlier result."""
+        return self.items + self.reused
 
     def add_batch(self, size: int, inference_ms: float) -> None:
         """Count one batch that ran."""
@@ -48,6 +55,7 @@ class InferenceStats:
             else 0.0,
             "errors": self.errors,
             "invalid": self.invalid,
+            "reused": self.reused,
         }
 
 
@@ -114,6 +122,6 @@ def status_line(
     broker = "connected" if publisher.connected else "disconnected"
     return (
         f"{fps:.1f} frames/s from {online}/{len(cameras)} cameras, "
-        f"{inference.items} labels, broker {broker}, queue {publisher.queued}, "
+        f"{inference.predictions} labels, broker {broker}, queue {publisher.queued}, "
         f"dropped {publisher.dropped}"
     )

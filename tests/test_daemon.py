@@ -356,12 +356,20 @@ class FakeDevice:
     def isOpened(self) -> bool:  # noqa: N802
         return True
 
-    def read(self) -> tuple[bool, object]:
+    def grab(self) -> bool:
         time.sleep(0.02)
         if not FakeDevice.plugged:
-            return False, None
+            return False
         self.count += 1
+        return True
+
+    def retrieve(self) -> tuple[bool, object]:
+        if not FakeDevice.plugged:
+            return False, None
         return True, digit_frames(1, 64, seed=self.count)[0]
+
+    def read(self) -> tuple[bool, object]:
+        return (self.retrieve()) if self.grab() else (False, None)
 
     def get(self, prop: int) -> float:
         del prop

@@ -59,7 +59,7 @@ def test_broker_outage_of_20_seconds_loses_nothing(tmp_path: Path) -> None:
                 )
                 # Let the rest of the file play out, then stop (which flushes).
                 assert sub.wait_for(lambda: daemon.cameras[0].finished, timeout=40)
-            assert sub.wait_for(lambda: len(sub.labels()) >= daemon.stats.items, timeout=20)
+            assert sub.wait_for(lambda: len(sub.labels()) >= daemon.stats.predictions, timeout=20)
             frames = [p["frame"] for p in sub.labels()]
     assert queued_during_outage > 300
     assert daemon.publisher.dropped == 0
@@ -67,10 +67,10 @@ def test_broker_outage_of_20_seconds_loses_nothing(tmp_path: Path) -> None:
     # (flagged as a duplicate), so a consumer may see it twice, never not at all.
     first_seen = list(dict.fromkeys(frames))
     print(
-        f"received {len(frames)} labels for {daemon.stats.items} produced, "
+        f"received {len(frames)} labels for {daemon.stats.predictions} produced, "
         f"{len(frames) - len(first_seen)} duplicate(s)"
     )
-    assert len(first_seen) == daemon.stats.items, "labels were lost"
+    assert len(first_seen) == daemon.stats.predictions, "labels were lost"
     assert first_seen == sorted(first_seen), "labels arrived out of order"
     assert len(frames) - len(first_seen) <= 100  # at most the unacknowledged window
 
@@ -206,7 +206,7 @@ def test_notify_ready_status_watchdog_and_pings_stop_when_inference_hangs(tmp_pa
     hang = threading.Event()
     hanging = threading.Event()
     release = threading.Event()
-    real_infer = daemon.engine.infer
+    real_infer = daemon.engine.infer_shaped
 
     def maybe_hang(images):  # type: ignore[no-untyped-def]
         if hang.is_set():
@@ -214,7 +214,7 @@ def test_notify_ready_status_watchdog_and_pings_stop_when_inference_hangs(tmp_pa
             release.wait(30)
         return real_infer(images)
 
-    daemon.engine.infer = maybe_hang  # type: ignore[method-assign]
+    daemon.engine.infer_shaped = maybe_hang  # type: ignore[method-assign]
 
     def pings(since: float) -> int:
         return sum(1 for at, text in received if at >= since and "WATCHDOG=1" in text)

@@ -350,7 +350,7 @@ def test_states_and_events_are_never_pushed_out_by_a_flood_of_labels(clip: Path)
     daemon.states.recalled()  # nothing to read back from a broker that is not there
     with running(daemon):
         assert wait_until(lambda: daemon.cameras[0].finished, timeout=60)
-        assert wait_until(lambda: daemon.stats.items >= 60, timeout=10)
+        assert wait_until(lambda: daemon.stats.predictions >= 60, timeout=10)
         kept = list(daemon.publisher._priority)
     assert daemon.publisher.dropped > 0
     topics = [m.topic.removeprefix(prefix + "/") for m in kept]

@@ -56,7 +56,11 @@ def test_inference_thread_death_stops_the_daemon(caplog: pytest.LogCaptureFixtur
 def test_mqtt_sender_death_stops_the_daemon(caplog: pytest.LogCaptureFixture) -> None:
     daemon = Daemon(settings_for(unique_prefix()))
 
-    def broken() -> bool:
+    real = daemon.publisher._can_send
+
+    def broken(direct: bool = False) -> bool:
+        if direct:  # a label handed over by the inference thread itself
+            return real(direct)
         raise RuntimeError("injected")
 
     daemon.publisher._can_send = broken  # type: ignore[method-assign]
@@ -81,16 +85,16 @@ def test_a_failing_preprocess_drops_the_batch_not_the_thread(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     prefix = unique_prefix()
-    real = preprocess.preprocess_into
+    real = preprocess.resize
     calls = {"n": 0}
 
-    def fails_sometimes(image: np.ndarray, *args: Any) -> None:
+    def fails_sometimes(image: np.ndarray, *args: Any) -> np.ndarray:
         calls["n"] += 1
         if calls["n"] % 4 == 0:
             raise ValueError("injected: a crop the resize cannot take")
-        real(image, *args)
+        return real(image, *args)
 
-    monkeypatch.setattr(engine_module, "preprocess_into", fails_sometimes)
+    monkeypatch.setattr(engine_module, "resize", fails_sometimes)
     with subscriber(prefix) as sub:
         daemon = Daemon(settings_for(prefix))
         with running(daemon):
@@ -103,13 +107,13 @@ def test_a_model_that_cannot_be_reloaded_exits_1_for_a_restart() -> None:
     """Exit 78 would tell systemd never to restart: wrong for a Coral that reset mid-run."""
     daemon = Daemon(settings_for(unique_prefix()))
 
-    def fails(images: Any) -> Any:
+    def fails(shaped: Any) -> Any:
         raise RuntimeError("injected: the delegate went away")
 
     def cannot_reload() -> Any:
         raise DelegateError("injected: cannot load the Edge TPU delegate")
 
-    daemon.engine.infer = fails  # type: ignore[method-assign]
+    daemon.engine.infer_shaped = fails  # type: ignore[method-assign]
     daemon.engine.reopen = cannot_reload  # type: ignore[method-assign]
     daemon.inference._reload = cannot_reload
     with running(daemon):
@@ -132,13 +136,13 @@ def test_failing_batches_reload_the_bytes_that_ran_not_a_file_replaced_since(
         daemon = Daemon(settings_for(prefix, model={"path": str(model)}))
         broken = daemon.engine
 
-        def fails(images: Any) -> Any:
+        def fails(shaped: Any) -> Any:
             raise RuntimeError("injected: the delegate went away")
 
         with running(daemon):
             assert sub.wait_for(lambda: len(sub.labels()) >= 3)
             model.write_bytes(b"not a model any more")
-            broken.infer = fails  # type: ignore[method-assign]
+            broken.infer_shaped = fails  # type: ignore[method-assign]
             assert wait_until(lambda: daemon.reloads == 1, timeout=20)
             count = len(sub.labels())
             assert sub.wait_for(lambda: len(sub.labels()) >= count + 5)

@@ -1,0 +1,442 @@
+"""``make bench``: the daemon against the naive loop and each stage alone, from one run.
+
+Each workload runs, side by side on the same clips and model: every stage alone (decode,
+preprocess, invoke at the batch sizes used, publish), the naive one-thread loop
+(:mod:`benchmarks.naive`), and ``edge-daemon run`` as a user runs it, each with a real broker
+and a subscriber in another process (:mod:`benchmarks.subscriber`) counting what arrives. It
+writes the figures as JSON under ``benchmarks/results/``, draws a PNG chart beside them, and
+prints a table of ratios against the targets of issue 10.
+
+    .venv/bin/python -m benchmarks.harness            # the full run, about 15 minutes
+    .venv/bin/python -m benchmarks.harness --tiny     # seconds per case, the digits model only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from benchmarks import assets
+from edge_daemon.config import load_settings
+from edge_daemon.engine import Engine
+from edge_daemon.postprocess import Class
+from edge_daemon.prediction import Prediction
+from edge_daemon.preprocess import as_image, crop
+from edge_daemon.publisher import Publisher
+
+RESULTS = Path(__file__).resolve().parent / "results"
+HOST, PORT = "127.0.0.1", 1883
+
+
+# --- one process under test ---------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What one process (daemon or naive loop) did in its measured window."""
+
+    who: str
+    labels_per_s: float = 0.0
+    cpu_percent: float = 0.0
+    peak_rss_mb: float = 0.0
+    first_label_s: float = float("nan")
+    p50_ms: float = float("nan")
+    p99_ms: float = float("nan")
+    first_p50_ms: float = float("nan")
+    last_p50_ms: float = float("nan")
+    reused_share: float = 0.0
+    threads: int = 0
+    labels: int = 0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def status_value(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def line_from(proc: subprocess.Popen[str], timeout: float) -> str:
+    """The next line ``proc`` prints, or "" after ``timeout`` seconds."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    return proc.stdout.readline().strip() if ready else ""
+
+
+def measure(
+    who: str, command: list[str], env: dict[str, str], *, prefix: str, warmup: float, window: float
+) -> Run:
+    """Start a subscriber, then ``command``; measure ``window`` seconds after ``warmup``
+    seconds of labels arriving."""
+    with tempfile.TemporaryDirectory() as tmp, (Path(tmp) / "stderr").open("w+b") as err:
+        out = Path(tmp) / "received.json"
+        sub = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "benchmarks.subscriber", "--topic", f"{prefix}/+/+/label"),
+                *("--out", str(out), "--host", HOST, "--port", str(PORT)),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        if line_from(sub, 30) != "ready":
+            sub.kill()
+            raise RuntimeError("the subscriber did not start")
+        started = time.time()
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        first = line_from(sub, 120).split()
+        if len(first) != 2:
+            proc.kill()
+            sub.kill()
+            err.seek(0)
+            raise RuntimeError(f"{who}: no label arrived: {err.read().decode()[-1500:]}")
+        first_label = float(first[1]) - started
+        time.sleep(warmup)
+        cpu0, t0 = cpu_seconds(proc.pid), time.time()
+        time.sleep(window)
+        cpu1, t1 = cpu_seconds(proc.pid), time.time()
+        rss = status_value(proc.pid, "VmHWM") / 1024
+        threads = status_value(proc.pid, "Threads")
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        sub.send_signal(signal.SIGTERM)
+        sub.wait(15)
+        received = json.loads(out.read_text())
+    run = summarise(who, received, t0, t1)
+    run.cpu_percent = (cpu1 - cpu0) / (t1 - t0) * 100
+    run.peak_rss_mb = rss
+    run.first_label_s = first_label
+    run.threads = threads
+    return run
+
+
+def summarise(who: str, received: dict[str, list[Any]], t0: float, t1: float) -> Run:
+    """Labels per second and latency of the labels that arrived between ``t0`` and ``t1``."""
+    arrived = np.array(received["arrived"])
+    latency = np.array(received["latency_ms"])
+    reused = np.array(received["reused"], dtype=bool)
+    inside = (arrived >= t0) & (arrived < t1)
+    run = Run(who)
+    run.labels = int(inside.sum())
+    run.labels_per_s = run.labels / (t1 - t0)
+    if run.labels:
+        lat = latency[inside]
+        run.p50_ms = float(np.percentile(lat, 50))
+        run.p99_ms = float(np.percentile(lat, 99))
+        run.reused_share = float(reused[inside].mean())
+        sixth = (t1 - t0) / 6
+        head = latency[inside & (arrived < t0 + sixth)]
+        tail = latency[inside & (arrived >= t1 - sixth)]
+        run.first_p50_ms = float(np.median(head)) if head.size else float("nan")
+        run.last_p50_ms = float(np.median(tail)) if tail.size else float("nan")
+    return run
+
+
+@dataclass
+class Workload:
+    """Cameras on a clip with regions, a model, a pace, and how long to measure."""
+
+    name: str
+    model: Path
+    clip: Path
+    cameras: int
+    rois: dict[str, str] = field(default_factory=dict)
+    fps: float = 0.0
+    daemon_env: dict[str, str] = field(default_factory=dict)
+
+
+def daemon_command(w: Workload, prefix: str) -> tuple[list[str], dict[str, str]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_")}
+    env.update(
+        EDGE_MQTT__HOST=HOST,
+        EDGE_MQTT__PORT=str(PORT),
+        EDGE_MQTT__TOPIC_PREFIX=prefix,
+        EDGE_MQTT__STATS_INTERVAL_S="0",
+        EDGE_LOG_LEVEL="warning",
+        EDGE_MODEL__PATH=str(w.model),
+        # Like for like: every crop classified (the reuse of unchanged ones is measured alone).
+        EDGE_INFERENCE__UNCHANGED_BELOW="0",
+    )
+    env.update(w.daemon_env)
+    for i in range(w.cameras):
+        env[f"EDGE_CAMERAS__cam{i}__SOURCE"] = str(w.clip)
+        env[f"EDGE_CAMERAS__cam{i}__REALTIME"] = "true" if w.fps else "false"
+        for name, box in w.rois.items():
+            env[f"EDGE_CAMERAS__cam{i}__ROIS__{name}"] = box
+    return [sys.executable, "-m", "edge_daemon", "run"], env
+
+
+def naive_command(w: Workload, prefix: str) -> tuple[list[str], dict[str, str]]:
+    command = [sys.executable, "-m", "benchmarks.naive", "--model", str(w.model)]
+    command += ["--prefix", prefix, "--host", HOST, "--port", str(PORT), "--seconds", "3600"]
+    for _ in range(w.cameras):
+        command += ["--source", str(w.clip)]
+    if w.rois:
+        command += ["--rois", ";".join(f"{k}={v}" for k, v in w.rois.items())]
+    if w.fps:
+        command += ["--fps", str(w.fps)]
+    return command, dict(os.environ)
+
+
+def compare(w: Workload, warmup: float, window: float, defaults: bool = False) -> dict[str, Run]:
+    """The naive loop and the daemon on one workload, one after the other; with ``defaults``
+    also the daemon as installed (unchanged crops reuse their prediction)."""
+    runs = {}
+    cases = [("naive", naive_command), ("daemon", daemon_command)]
+    if defaults:
+        cases.append(("daemon_defaults", daemon_command))
+    for who, build in cases:
+        prefix = f"bench/{uuid.uuid4().hex[:8]}"
+        command, env = build(w, prefix)
+        if who == "daemon_defaults":
+            env.pop("EDGE_INFERENCE__UNCHANGED_BELOW")
+        runs[who] = measure(who, command, env, prefix=prefix, warmup=warmup, window=window)
+        print(f"  {w.name} {who}: {fmt_run(runs[who])}", flush=True)
+    return runs
+
+
+def fmt_run(r: Run) -> str:
+    return (
+        f"{r.labels_per_s:.1f} labels/s, CPU {r.cpu_percent:.0f}%, p50 {r.p50_ms:.1f} ms, "
+        f"p99 {r.p99_ms:.1f} ms, first label {r.first_label_s:.2f} s, "
+        f"peak RSS {r.peak_rss_mb:.0f} MB, {r.threads} threads"
+    )
+
+
+# --- each stage alone ----------------------------------------------------------------------------
+
+
+def timed(fn: Any, seconds: float) -> float:
+    """Seconds per call of ``fn`` over about ``seconds``."""
+    fn()
+    calls, started = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - started
+        if elapsed >= seconds:
+            return elapsed / calls
+
+
+def stages(w: Workload, seconds: float) -> dict[str, float]:
+    """Labels per second each stage manages alone, on one thread: decode (frames x regions),
+    preprocess, invoke at batch 1 and at the batch the workload forms, publish."""
+    capture = cv2.VideoCapture(str(w.clip))
+
+    def decode() -> None:
+        ok, _ = capture.read()
+        if not ok:
+            capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
+
+    regions = max(len(w.rois), 1)
+    out: dict[str, float] = {"decode": regions / timed(decode, seconds)}
+    capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
+    _, first = capture.read()
+    capture.release()
+    frame = as_image(first)
+    engine = Engine.from_path(w.model)
+    h, wd = frame.shape[:2]
+    boxes = [parse_box(b) for b in w.rois.values()] or [(0, 0, wd, h)]
+    crops = [crop(frame, b) for b in boxes]
+    out["preprocess"] = len(crops) / timed(lambda: [engine.shape(c) for c in crops], seconds)
+    shaped = [engine.shape(c) for c in crops]
+    engine.batching.mode = "off"
+    out["invoke_b1"] = 1 / timed(lambda: engine.infer_shaped(shaped[:1]), seconds)
+    batch = len(shaped) if w.rois else w.cameras
+    if batch > 1 and engine.batched:
+        many = (shaped * batch)[:batch]
+        engine.batching.mode = "on"
+        out[f"invoke_b{batch}"] = batch / timed(lambda: engine.infer_shaped(many), seconds)
+    out["publish"] = 1 / publish_cost(seconds)["paho"]
+    return out
+
+
+def parse_box(text: str) -> tuple[int, int, int, int]:
+    x, y, w, h = (int(v) for v in text.split(","))
+    return x, y, w, h
+
+
+def sample_prediction() -> Prediction:
+    top = (Class(7, "7", 0.97), Class(1, "1", 0.02), Class(9, "9", 0.01))
+    return Prediction.from_top(
+        top,
+        0.5,
+        device="bench",
+        camera="cam0",
+        roi="digit",
+        frame=1234,
+        captured=time.time(),
+        model="digits",
+        model_hash="0123456789ab",
+        latency_ms=3.2,
+        inference_ms=0.2,
+        batch=1,
+    )
+
+
+def publish_cost(seconds: float) -> dict[str, float]:
+    """Seconds of the caller's time per label at QoS 1 to the same broker: the payload's JSON
+    handed to paho's own publish, against the same JSON through :meth:`Publisher.publish`."""
+    prediction = sample_prediction()
+    prefix = f"bench/{uuid.uuid4().hex[:8]}"
+    topic = f"{prefix}/cam0/digit/label"
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2)
+    client.connect(HOST, PORT)
+    client.loop_start()
+    paho = timed(lambda: client.publish(topic, prediction.to_json(), qos=1), seconds)
+    client.disconnect()
+    client.loop_stop()
+    settings = load_settings(mqtt={"host": HOST, "port": PORT, "topic_prefix": prefix})
+    publisher = Publisher(settings)
+    publisher.start()
+    deadline = time.monotonic() + 10
+    while not publisher.connected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    daemon = timed(lambda: publisher.publish(topic, prediction.to_json()), seconds)
+    publisher.stop(1.0)
+    json_only = timed(prediction.to_json, seconds)
+    return {"paho": paho, "daemon": daemon, "json": json_only}
+
+
+# --- the workloads -----------------------------------------------------------------------------
+
+
+def workloads(tiny: bool) -> dict[str, list[Workload]]:
+    digits = assets.digits_model()
+    sample = assets.SAMPLE_CLIP
+    sample_roi = assets.sample_rois()
+    grid = assets.grid_rois(320, 240, 4)
+    big = digits if tiny else assets.mobilenet(1.0, 224)
+    balanced = digits if tiny else assets.mobilenet(0.35, 128)
+    clip720 = assets.h264_clip(frames=20 if tiny else 150)
+    clip30 = assets.sample_clip_at(30)
+    return {
+        "1 inference-bound": [
+            Workload(f"mnv2-224 x{n}" if not tiny else f"big x{n}", big, sample, n) for n in (1, 4)
+        ],
+        "2 balanced": [
+            Workload(f"720p h264 x{n}", balanced, clip720, n, {"centre": "320,0,720,720"})
+            for n in (1, 4)
+        ],
+        "3 many regions": [
+            Workload(f"digits 16 regions x{n}", digits, sample, n, grid) for n in (1, 4)
+        ],
+        "4 live": [Workload("live 4 x 30 fps", digits, clip30, 4, sample_roi, fps=30)],
+        "5 scaling": [
+            Workload(f"15 fps x{n}", digits, assets.sample_clip_at(15), n, sample_roi, fps=15)
+            for n in ((1, 2) if tiny else (1, 2, 4, 8))
+        ],
+    }
+
+
+def still_scene(tiny: bool, warmup: float, window: float) -> dict[str, Run]:
+    """4 cameras at 30 fps on a still scene with sensor noise: every crop classified against
+    unchanged crops reusing their prediction (the default)."""
+    w = Workload("still 4 x 30 fps", assets.digits_model(), assets.still_clip(), 4)
+    w.rois = assets.sample_rois()
+    w.fps = 30
+    runs = {}
+    for label, below in (("every crop", "0"), ("reuse unchanged", "0.005")):
+        w.daemon_env = {"EDGE_INFERENCE__UNCHANGED_BELOW": below}
+        prefix = f"bench/{uuid.uuid4().hex[:8]}"
+        command, env = daemon_command(w, prefix)
+        env.update(w.daemon_env)
+        runs[label] = measure(label, command, env, prefix=prefix, warmup=warmup, window=window)
+        print(f"  still {label}: {fmt_run(runs[label])}", flush=True)
+    del tiny
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="a quick run: seconds per case")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    tiny = args.tiny
+    warmup, window, live_window = (0.5, 1.5, 3.0) if tiny else (3.0, 15.0, 60.0)
+    stage_s = 0.2 if tiny else 1.5
+    started = time.time()
+    report: dict[str, Any] = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "tiny": tiny,
+        "machine": machine(),
+        "workloads": {},
+    }
+    print("building models and clips (cached in build/bench-cache)...", flush=True)
+    groups = workloads(tiny)
+    for group, items in groups.items():
+        print(f"workload {group}", flush=True)
+        entries = []
+        for w in items:
+            win = live_window if group.startswith("4") else window
+            entry: dict[str, Any] = {"name": w.name, "cameras": w.cameras, "fps": w.fps}
+            entry["model"] = w.model.stem
+            entry["regions"] = max(len(w.rois), 1)
+            if not group.startswith(("4", "5")):
+                entry["stages"] = stages(w, stage_s)
+            runs = compare(w, warmup, win, defaults=group.startswith("4"))
+            entry |= {k: asdict(v) for k, v in runs.items()}
+            entries.append(entry)
+        report["workloads"][group] = entries
+    print("still scene", flush=True)
+    report["still"] = {k: asdict(v) for k, v in still_scene(tiny, warmup, window).items()}
+    costs = publish_cost(stage_s)
+    report["per_label_us"] = {k: v * 1e6 for k, v in costs.items()}
+    report["seconds"] = round(time.time() - started, 1)
+    from benchmarks.report import chart, table  # noqa: PLC0415
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = "tiny" if tiny else "latest"
+    (args.out / f"{stamp}.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    chart(report, args.out / f"{stamp}.png")
+    print(table(report))
+    print(f"wrote {args.out / f'{stamp}.json'} and {args.out / f'{stamp}.png'}")
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    from edge_daemon.runtime import load_runtime  # noqa: PLC0415
+
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "runtime": load_runtime().name,
+        "opencv": cv2.__version__,
+        "kernel": platform.release(),
+        "load_before": round(os.getloadavg()[0], 2),
+    }
+
+
+if __name__ == "__main__":
+    main()

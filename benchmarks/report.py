@@ -1,0 +1,277 @@
+"""The ratio table and the chart of a harness run (``benchmarks/results/*.json``).
+
+.venv/bin/python -m benchmarks.report benchmarks/results/latest.json
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+#: Issue 10's targets.
+ONE_CAMERA, FOUR_CAMERAS, OF_SLOWEST = 1.0, 1.3, 0.85
+LIVE_P99_MARGIN_MS, GROWTH, FIRST_LABEL, RSS_MB = 5.0, 0.20, 1.5, 150.0
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def slowest(stages: dict[str, float]) -> tuple[str, float]:
+    """The stage that bounds a pipeline: the slowest of decode, preprocess, the faster way to
+    invoke, publish."""
+    invoke = max(v for k, v in stages.items() if k.startswith("invoke"))
+    bounds = {
+        "decode": stages["decode"],
+        "preprocess": stages["preprocess"],
+        "invoke": invoke,
+        "publish": stages["publish"],
+    }
+    name = min(bounds, key=lambda k: bounds[k])
+    return name, bounds[name]
+
+
+def table(report: dict[str, Any]) -> str:
+    rows: list[str] = []
+    add = rows.append
+    add(
+        "| workload | slowest stage alone | naive | daemon | daemon / naive | target | "
+        "daemon / slowest | target |"
+    )
+    add("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for group in ("1 inference-bound", "2 balanced", "3 many regions"):
+        for e in report["workloads"].get(group, []):
+            stage, bound = slowest(e["stages"])
+            naive, daemon = e["naive"]["labels_per_s"], e["daemon"]["labels_per_s"]
+            ratio = daemon / naive if naive else math.nan
+            target = ONE_CAMERA if e["cameras"] == 1 else FOUR_CAMERAS
+            of_slowest = daemon / bound
+            add(
+                f"| {group[0]}: {e['name']} | {stage} {bound:.0f}/s | {naive:.0f}/s | "
+                f"{daemon:.0f}/s | **{ratio:.2f}** | >= {target} {verdict(ratio >= target)} | "
+                f"**{of_slowest:.2f}** | >= {OF_SLOWEST} {verdict(of_slowest >= OF_SLOWEST)} |"
+            )
+    lines = ["## Throughput (labels per second at the subscriber)", "", *rows, ""]
+    for e in report["workloads"].get("4 live", []):
+        lines += _live_table(e)
+    scaling = report["workloads"].get("5 scaling", [])
+    if scaling:
+        lines += [
+            "## Scaling: CPU per camera at 15 fps",
+            "",
+            "| cameras | naive CPU / camera | daemon CPU / camera | daemon / naive |",
+            "| --- | --- | --- | --- |",
+        ]
+        for e in scaling:
+            n = e["naive"]["cpu_percent"] / e["cameras"]
+            d = e["daemon"]["cpu_percent"] / e["cameras"]
+            lines.append(f"| {e['cameras']} | {n:.1f}% | {d:.1f}% | {d / n:.2f} |")
+        lines.append("")
+    every, reuse = report["still"]["every crop"], report["still"]["reuse unchanged"]
+    lines += [
+        "## Still scene, 4 cameras at 30 fps: unchanged crops reuse their prediction",
+        "",
+        "| | every crop classified | unchanged reused (default) |",
+        "| --- | --- | --- |",
+        f"| labels/s | {every['labels_per_s']:.0f} | {reuse['labels_per_s']:.0f} |",
+        f"| share reused | {every['reused_share']:.0%} | {reuse['reused_share']:.0%} |",
+        f"| CPU | {every['cpu_percent']:.0f}% | {reuse['cpu_percent']:.0f}% |",
+        "",
+    ]
+    cost = report["per_label_us"]
+    ratio = cost["daemon"] / cost["paho"]
+    firsts = []
+    peaks = []
+    for group, entries in report["workloads"].items():
+        for e in entries:
+            firsts.append((e["name"], e["naive"]["first_label_s"], e["daemon"]["first_label_s"]))
+            if e["model"] == "digits" and e["cameras"] == 4:
+                peaks.append((e["name"], e["daemon"]["peak_rss_mb"]))
+        del group
+    worst_first = max(d / n for _, n, d in firsts)
+    worst_peak = max(p for _, p in peaks) if peaks else math.nan
+    lines += [
+        "## Costs",
+        "",
+        "| measure | naive | daemon | ratio | target |",
+        "| --- | --- | --- | --- | --- |",
+        f"| caller's time per label (JSON + publish) | {cost['paho']:.0f} µs | "
+        f"{cost['daemon']:.0f} µs | {ratio:.2f} | no more than JSON + paho: "
+        f"{verdict(ratio <= 1.15)} |",
+        f"| first label after start, worst workload | | | {worst_first:.2f} | <= {FIRST_LABEL}: "
+        f"{verdict(worst_first <= FIRST_LABEL)} |",
+        f"| peak RSS, 4 cameras on the digits model | | {worst_peak:.0f} MB | | <= {RSS_MB:g} MB: "
+        f"{verdict(worst_peak <= RSS_MB)} |",
+        "",
+        "First label (s) per workload, naive / daemon: "
+        + "; ".join(f"{name} {n:.2f} / {d:.2f}" for name, n, d in firsts),
+    ]
+    return "\n".join(lines)
+
+
+def _growth(run: dict[str, Any]) -> float:
+    first = run["first_p50_ms"]
+    return float(run["last_p50_ms"] / first - 1) if first else math.nan
+
+
+def _live_table(e: dict[str, Any]) -> list[str]:
+    """Live cameras: the naive loop, the daemon classifying every crop (the targets are
+    checked on it), and the daemon as installed."""
+    n, d = e["naive"], e["daemon"]
+    dd = e.get("daemon_defaults", d)
+
+    def row(name: str, key: str, fmt: str, target: str = "") -> str:
+        cells = " | ".join(fmt.format(run[key]) for run in (n, d, dd))
+        return f"| {name} | {cells} | {target} |"
+
+    p99_ok = d["p99_ms"] <= n["p99_ms"] + LIVE_P99_MARGIN_MS
+    growth = _growth(d)
+    return [
+        f"## Live: {e['name']}",
+        "",
+        "| | naive | daemon, every crop | daemon as installed | target (every crop) |",
+        "| --- | --- | --- | --- | --- |",
+        row("labels/s", "labels_per_s", "{:.0f}"),
+        row("capture to subscriber p50", "p50_ms", "{:.2f} ms"),
+        row(
+            "capture to subscriber p99",
+            "p99_ms",
+            "{:.2f} ms",
+            f"<= naive + {LIVE_P99_MARGIN_MS:g} ms: {verdict(p99_ok)}",
+        ),
+        row(
+            "CPU",
+            "cpu_percent",
+            "{:.0f}%",
+            f"<= naive: {verdict(d['cpu_percent'] <= n['cpu_percent'])}",
+        ),
+        row("p50, first sixth", "first_p50_ms", "{:.2f} ms"),
+        row(
+            "p50, last sixth",
+            "last_p50_ms",
+            "{:.2f} ms",
+            f"within 20% ({growth:+.0%}): {verdict(abs(growth) <= GROWTH)}",
+        ),
+        row("share reused", "reused_share", "{:.0%}"),
+        row("peak RSS", "peak_rss_mb", "{:.0f} MB"),
+        row("threads", "threads", "{}"),
+        "",
+    ]
+
+
+def chart(report: dict[str, Any], path: Path) -> None:
+    """Four panels: throughput ratios, live latency, CPU per camera, first label."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    _throughput(axes[0][0], report)
+    _live(axes[0][1], report)
+    _scaling(axes[1][0], report)
+    _first_label(axes[1][1], report)
+    m = report["machine"]
+    fig.suptitle(
+        f"edge-daemon benchmarks {report['when']}{' (tiny run)' if report['tiny'] else ''}: "
+        f"{m['cpu']}, {m['cores']} cores, {m['runtime']}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _throughput(ax: Any, report: dict[str, Any]) -> None:
+    names, ratios, targets = [], [], []
+    for group in ("1 inference-bound", "2 balanced", "3 many regions"):
+        for e in report["workloads"].get(group, []):
+            names.append(e["name"])
+            ratios.append(e["daemon"]["labels_per_s"] / max(e["naive"]["labels_per_s"], 1e-9))
+            targets.append(ONE_CAMERA if e["cameras"] == 1 else FOUR_CAMERAS)
+    bars = ax.bar(range(len(names)), ratios, color="#3b7dd8")
+    ax.scatter(range(len(names)), targets, marker="_", s=900, color="#d83b3b", label="target")
+    ax.bar_label(bars, fmt="%.2f")
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("daemon / naive loop (labels per second)")
+    ax.set_title("Throughput against the naive loop")
+    ax.legend()
+
+
+def _live(ax: Any, report: dict[str, Any]) -> None:
+    live = report["workloads"].get("4 live", [])
+    if live:
+        e = live[0]
+        labels = ["p50", "p99"]
+        x = range(len(labels))
+        ax.bar(
+            [i - 0.2 for i in x],
+            [e["naive"]["p50_ms"], e["naive"]["p99_ms"]],
+            0.4,
+            label="naive",
+            color="#999999",
+        )
+        ax.bar(
+            [i + 0.2 for i in x],
+            [e["daemon"]["p50_ms"], e["daemon"]["p99_ms"]],
+            0.4,
+            label="daemon",
+            color="#3b7dd8",
+        )
+        ax.set_xticks(list(x), labels)
+        ax.set_ylabel("capture to subscriber (ms)")
+        ax.set_title(f"Live: {e['name']}")
+        ax.legend()
+
+
+def _scaling(ax: Any, report: dict[str, Any]) -> None:
+    scaling = report["workloads"].get("5 scaling", [])
+    if scaling:
+        cams = [e["cameras"] for e in scaling]
+        ax.plot(
+            cams,
+            [e["naive"]["cpu_percent"] / e["cameras"] for e in scaling],
+            "o-",
+            color="#999999",
+            label="naive",
+        )
+        ax.plot(
+            cams,
+            [e["daemon"]["cpu_percent"] / e["cameras"] for e in scaling],
+            "o-",
+            color="#3b7dd8",
+            label="daemon",
+        )
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(cams, [str(c) for c in cams])
+        ax.set_xlabel("cameras at 15 fps")
+        ax.set_ylabel("CPU per camera (%)")
+        ax.set_title("Scaling")
+        ax.legend()
+
+
+def _first_label(ax: Any, report: dict[str, Any]) -> None:
+    firsts = [
+        (e["name"], e["naive"]["first_label_s"], e["daemon"]["first_label_s"])
+        for entries in report["workloads"].values()
+        for e in entries
+    ]
+    y = range(len(firsts))
+    ax.barh([i + 0.2 for i in y], [f[1] for f in firsts], 0.4, label="naive", color="#999999")
+    ax.barh([i - 0.2 for i in y], [f[2] for f in firsts], 0.4, label="daemon", color="#3b7dd8")
+    ax.set_yticks(list(y), [f[0] for f in firsts], fontsize=8)
+    ax.set_xlabel("first label after start (s)")
+    ax.set_title("Start-up")
+    ax.legend()
+
+
+def main() -> None:
+    import json  # noqa: PLC0415
+
+    report = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
+    print(table(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,365 @@
+"""No work nobody uses: frames pulled or retrieved only when taken, batches only where they
+pay, unchanged regions not classified again, labels handed to paho by the caller."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge_daemon import batching
+from edge_daemon.batcher import Batcher, Item
+from edge_daemon.batching import BatchChoice
+from edge_daemon.capture import Camera, Frame
+from edge_daemon.config import load_settings
+from edge_daemon.engine import Engine, load_engine
+from edge_daemon.inference import InferenceStage
+from edge_daemon.pipeline import Daemon
+from edge_daemon.prediction import Prediction
+from edge_daemon.settings import CameraSettings
+from tests.helpers import (
+    digit_frames,
+    running,
+    settings_for,
+    subscriber,
+    unique_prefix,
+    wait_until,
+    write_video,
+)
+
+pytestmark = pytest.mark.runtime
+
+# --- choosing whether batches pay ---------------------------------------------------------------
+
+
+def learn(
+    choice: BatchChoice, n: int, single_s: float, batched_s: float, rounds: int
+) -> list[bool]:
+    """Run ``rounds`` batches of ``n`` whose time per image is ``single_s`` one by one and
+    ``batched_s`` batched; the choices made."""
+    made = []
+    for _ in range(rounds):
+        batched = choice.batch(n)
+        made.append(batched)
+        choice.record(n, batched, n * (batched_s if batched else single_s))
+    return made
+
+
+def test_auto_batches_a_size_only_once_it_measured_faster() -> None:
+    choice = BatchChoice("auto")
+    made = learn(choice, 4, single_s=0.010, batched_s=0.005, rounds=40)
+    # One by one first (a warm-up and SAMPLES timings), then batched for its own, then kept.
+    assert made[: batching.SAMPLES + 1] == [False] * (batching.SAMPLES + 1)
+    assert all(made[-10:])
+    assert choice.choices() == {"4": "batched"}
+    slow = BatchChoice("auto")
+    made = learn(slow, 4, single_s=0.010, batched_s=0.0095, rounds=40)  # within the margin
+    assert made.count(True) == batching.SAMPLES + 1  # tried, then dropped
+    assert not any(made[-10:])
+    assert slow.choices() == {"4": "single"}
+    assert not slow.batch(1)
+
+
+def test_auto_decides_again_after_recheck_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batching, "RECHECK", 30)
+    choice = BatchChoice("auto")
+    learn(choice, 2, single_s=0.010, batched_s=0.005, rounds=30)
+    assert choice.choices() == {"2": "batched"}
+    # The board changed: batching became slower. After RECHECK batches the choice is remade.
+    made = learn(choice, 2, single_s=0.010, batched_s=0.020, rounds=45)
+    assert not any(made[-10:])
+    assert choice.choices() == {"2": "single"}
+
+
+def test_on_and_off_never_learn() -> None:
+    assert learn(BatchChoice("on"), 3, 0.01, 0.02, 5) == [True] * 5
+    assert learn(BatchChoice("off"), 3, 0.02, 0.01, 5) == [False] * 5
+    assert BatchChoice("on").batch(1) is False
+
+
+def test_the_engine_gives_the_same_scores_batched_or_one_by_one(digits_engine: Engine) -> None:
+    crops = digit_frames(6, 96)
+    digits_engine.batching = BatchChoice("off")
+    single = digits_engine.classify(crops)
+    digits_engine.batching = BatchChoice("on")
+    batched = digits_engine.classify(crops)
+    assert np.allclose(single, batched, atol=1e-6)
+    assert digits_engine.batching.choices() == {"6": "batched"}
+    auto = BatchChoice("auto")
+    digits_engine.batching = auto
+    for _ in range(3 * batching.SAMPLES):
+        assert np.allclose(digits_engine.classify(crops), single, atol=1e-6)
+    assert auto.choices()["6"] in ("batched", "single")  # decided, either way, from timings
+
+
+# --- regions that did not change ----------------------------------------------------------------
+
+
+class Collected:
+    def __init__(self) -> None:
+        self.predictions: list[Prediction] = []
+
+    def __call__(self, item: Item, prediction: Prediction) -> None:
+        del item
+        self.predictions.append(prediction)
+
+
+def stage_for(engine: Engine, **inference: Any) -> tuple[InferenceStage, Collected]:
+    settings = load_settings(inference=inference)
+    out = Collected()
+    batcher = Batcher([], max_batch=8, max_delay_s=0.0)
+    stage = InferenceStage(
+        settings.inference, "dev", batcher, engine=engine, emit=out, reload=lambda: engine
+    )
+    return stage, out
+
+
+def item(image: np.ndarray, number: int, roi: str = "frame") -> Item:
+    frame = Frame(image, number, time.monotonic(), time.time())
+    h, w = image.shape[:2]
+    return Item("cam", roi, frame, image, (0, 0, w, h))
+
+
+def test_an_unchanged_region_reuses_its_prediction_until_it_changes_or_ages(
+    digits_engine: Engine,
+) -> None:
+    seven, two = digit_frames(2, 96, seed=5)
+    stage, out = stage_for(digits_engine, unchanged_below=0.02, unchanged_max_age_s=0.5)
+    rng = np.random.default_rng(1)
+    noisy = np.clip(seven.astype(np.int16) + rng.integers(-3, 4, seven.shape), 0, 255)
+    stage.run_batch([item(seven, 0)])
+    stage.run_batch([item(noisy.astype(np.uint8), 1)])  # sensor noise: the same scene
+    stage.run_batch([item(two, 2)])  # another digit: classified
+    first, again, other = out.predictions
+    assert not first.reused
+    assert again.reused
+    assert not other.reused
+    assert (again.label, again.score, again.frame) == (first.label, first.score, 1)
+    assert again.inference_ms == 0.0
+    assert again.batch == first.batch
+    assert other.score != first.score  # classified anew
+    assert again.to_dict()["reused"] is True
+    assert "reused" not in first.to_dict()
+    assert (stage.stats.items, stage.stats.reused) == (2, 1)
+    time.sleep(0.6)
+    stage.run_batch([item(two, 3)])  # unchanged, but older than the maximum age
+    assert not out.predictions[-1].reused
+    # A region is compared with its own last crop only; a threshold change applies at once.
+    stage.set_threshold(1.0)
+    stage.run_batch([item(two, 4), item(two, 4, roi="other")])
+    reused, fresh = out.predictions[-2:]
+    assert reused.reused
+    assert reused.label is None
+    assert not fresh.reused
+    assert stage.stats.reused == 2
+
+
+def test_zero_classifies_every_crop_and_a_new_model_forgets(digits_engine: Engine) -> None:
+    seven = digit_frames(1, 96, seed=5)[0]
+    stage, out = stage_for(digits_engine, unchanged_below=0)
+    for n in range(3):
+        stage.run_batch([item(seven, n)])
+    assert [p.reused for p in out.predictions] == [False] * 3
+    stage, out = stage_for(digits_engine, unchanged_below=0.02, unchanged_max_age_s=60)
+    stage.run_batch([item(seven, 0)])
+    stage.run_batch([item(seven, 1)])
+    assert out.predictions[-1].reused
+    stage.offer_engine(digits_engine.reopen())
+    stage._stop.set()  # one turn of the loop: swaps the engine, finds no batch, returns
+    stage._loop()
+    stage.run_batch([item(seven, 2)])
+    assert not out.predictions[-1].reused
+
+
+# --- frames: pulled from files, retrieved from live sources only when taken -----------------------
+
+
+def test_a_file_read_unthrottled_is_pulled_frame_by_frame(tmp_path: Path) -> None:
+    video = write_video(tmp_path / "clip.mp4", digit_frames(40, 64), fps=25)
+    cam = Camera("file", CameraSettings(source=str(video), realtime=False, loop=False))
+    cam.start()
+    try:
+        assert wait_until(lambda: cam.frames_read == 1, timeout=10)
+        time.sleep(0.5)
+        assert (cam.frames_read, cam.frames_skipped) == (1, 0)  # nothing decoded ahead
+        numbers = []
+        for _ in range(5):
+            assert wait_until(cam.has_new, timeout=5)
+            frame = cam.take()
+            assert frame is not None
+            numbers.append(frame.number)
+        assert numbers == [0, 1, 2, 3, 4]  # every frame, in order, none thrown away
+    finally:
+        cam.stop()
+    assert cam.frames_skipped == 0
+
+
+class CountingDevice:
+    """A live camera at about 100 fps that counts grabs and retrieves."""
+
+    def __init__(self, settings: CameraSettings) -> None:
+        del settings
+        self.grabs = 0
+        self.retrieves = 0
+        self.image = np.zeros((48, 64, 3), np.uint8)
+
+    def isOpened(self) -> bool:  # noqa: N802
+        return True
+
+    def grab(self) -> bool:
+        time.sleep(0.01)
+        self.grabs += 1
+        return True
+
+    def retrieve(self) -> tuple[bool, object]:
+        self.retrieves += 1
+        return True, self.image.copy()
+
+    def read(self) -> tuple[bool, object]:
+        return self.retrieve() if self.grab() else (False, None)
+
+    def get(self, prop: int) -> float:
+        del prop
+        return 0.0
+
+    def set(self, prop: int, value: float) -> bool:
+        del prop, value
+        return True
+
+    def release(self) -> None:
+        pass
+
+
+def test_a_live_source_is_grabbed_always_and_retrieved_only_when_taken() -> None:
+    devices: list[CountingDevice] = []
+
+    def opener(settings: CameraSettings) -> CountingDevice:
+        devices.append(CountingDevice(settings))
+        return devices[-1]
+
+    cam = Camera("live", CameraSettings(source="/dev/video0"), opener=opener)
+    cam.start()
+    try:
+        assert wait_until(lambda: cam.frames_read == 1, timeout=5)
+        time.sleep(0.5)  # nobody takes: the source is still read (kept fresh), not retrieved
+        device = devices[0]
+        assert device.grabs > 20
+        assert device.retrieves == 1
+        assert cam.frames_skipped >= device.grabs - 2
+        taken = 0
+        for _ in range(5):
+            if cam.take() is not None:
+                taken += 1
+            time.sleep(0.05)
+        assert taken == 5
+        assert 5 <= device.retrieves <= 7  # the first, one per take, maybe one in flight
+    finally:
+        cam.stop()
+
+
+# --- labels cost what paho's publish costs -----------------------------------------------------
+
+
+def test_labels_go_to_paho_from_the_caller_in_order_while_connected() -> None:
+    prefix = unique_prefix()
+    settings = settings_for(prefix, mqtt={"queue_size": 5000})  # room for the whole burst
+    with subscriber(prefix) as sub:
+        daemon = Daemon(settings)
+        publisher = daemon.publisher
+        callers: set[str] = set()
+        real = publisher._hand_over
+
+        def hand_over(message: Any) -> bool:
+            callers.add(threading.current_thread().name)
+            return real(message)
+
+        publisher._hand_over = hand_over  # type: ignore[method-assign]
+        publisher.start()
+        try:
+            assert wait_until(lambda: publisher.connected and not publisher.queued)
+            callers.clear()
+            topic = publisher.topic("cam", "frame", "label")
+            for n in range(3000):
+                publisher.publish(topic, b'{"n":%d}' % n)
+            arrived = sub.wait_for(lambda: len(sub.on("cam", "frame", "label")) >= 3000, timeout=60)
+            assert arrived, (
+                f"{len(sub.on('cam', 'frame', 'label'))} arrived; queued {publisher.queued}, "
+                f"unconfirmed {len(publisher._pending)}, dropped {publisher.dropped}"
+            )
+        finally:
+            publisher.stop()
+    assert publisher.dropped == 0
+    numbers = [int(m.payload[5:-1]) for m in sub.on("cam", "frame", "label")]
+    assert numbers == list(range(3000))  # every label, in order, whichever thread sent it
+    assert threading.current_thread().name in callers  # the caller handed most over itself
+
+
+@pytest.fixture
+def digits_engine() -> Engine:
+    return load_engine(load_settings())
+
+
+def test_a_daemon_on_files_decodes_no_frame_it_does_not_classify(tmp_path: Path) -> None:
+    video = write_video(tmp_path / "clip.mp4", digit_frames(60, 64), fps=25)
+    cams = {
+        f"c{i}": CameraSettings(source=str(video), realtime=False, loop=False) for i in range(3)
+    }
+    prefix = unique_prefix()
+    with subscriber(prefix) as sub:
+        daemon = Daemon(settings_for(prefix, cameras=cams, inference={"unchanged_below": 0}))
+        with running(daemon):
+            assert wait_until(lambda: all(c.finished for c in daemon.cameras), timeout=60)
+            assert sub.wait_for(lambda: len(sub.labels("c0")) >= 60)
+    for cam in daemon.cameras:
+        assert (cam.frames_read, cam.frames_skipped) == (60, 0)
+    assert daemon.stats.items == 180
+    assert [json_frame(m) for m in sub.labels("c1")] == list(range(60))
+
+
+def json_frame(payload: Any) -> int:
+    return int(payload["frame"])
+
+
+def test_regions_of_one_size_are_shaped_together_exactly_as_one_by_one(
+    digits_engine: Engine,
+) -> None:
+    rng = np.random.default_rng(4)
+    crops = [rng.integers(0, 255, (60, 80, 3), dtype=np.uint8) for _ in range(16)]
+    crops += [rng.integers(0, 255, (5, 6, 3), dtype=np.uint8)]  # grows: alone
+    crops += [rng.integers(0, 255, (97, 41, 3), dtype=np.uint8) for _ in range(2)]
+    together = digits_engine.shape_many(crops)
+    alone = [digits_engine.shape(c) for c in crops]
+    assert len(together) == len(alone)
+    spec = digits_engine.input_spec
+    for a, b in zip(together, alone, strict=True):
+        assert a.shape == b.shape == (spec.height, spec.width, 1)
+        assert np.array_equal(a, b)
+
+
+def test_large_regions_are_shaped_on_the_camera_thread_for_the_model_that_runs(
+    digits_engine: Engine,
+) -> None:
+    frame = np.random.default_rng(6).integers(0, 255, (480, 640, 3), dtype=np.uint8)
+    cam = Camera("c", CameraSettings(source="/tmp/c.mp4", rois={}))
+    batcher = Batcher([cam], max_batch=8, max_delay_s=0.0)
+    prepared = batcher.prepare("c", frame, digits_engine)  # a whole 640x480 frame
+    assert prepared is not None
+    assert prepared.spec is digits_engine.input_spec
+    assert np.array_equal(prepared.shaped["frame"], digits_engine.shape(frame))
+    assert batcher.prepare("c", frame[:100, :100], digits_engine) is None  # small: not here
+    cam.offer(Frame(frame, 0, time.monotonic(), time.time(), prepared))
+    (queued,) = batcher.next_batch(threading.Event())
+    assert queued.shaped is prepared.shaped["frame"]
+    stage, out = stage_for(digits_engine, unchanged_below=0)
+    stage.run_batch([queued])
+    stage.run_batch([item(frame, 1)])  # shaped by the inference thread instead
+    assert out.predictions[0].top == out.predictions[1].top
+    # Shaped for another model (a reload in between): shaped again for the one that runs.
+    other = digits_engine.reopen()
+    stage2, out2 = stage_for(other, unchanged_below=0)
+    stage2.run_batch([queued])
+    assert out2.predictions[0].top == out.predictions[0].top
