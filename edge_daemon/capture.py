@@ -84,6 +84,8 @@ class Camera:
         #: Work done on each kept frame on this camera's thread (the daemon shapes the regions
         #: for the model here, beside inference instead of in its way).
         self.prepare: Callable[[Image], object] | None = None
+        #: Seconds between frames of the source, smoothed.
+        self._interval = 0.1
         self.frames_read = 0
         self.frames_skipped = 0
         self.reopens = 0
@@ -278,6 +280,8 @@ class Camera:
                     continue
                 return "the source stopped delivering frames"
             failures = 0
+            # The source's frame interval, smoothed (for when an untaken frame is stale).
+            self._interval += 0.1 * (min(now - last_good, 1.0) - self._interval)
             last_good = now
             counter += 1
             self._backoff.reset()
@@ -300,10 +304,12 @@ class Camera:
         last one was taken (a frame that would only replace an untaken one is never used). A
         paused camera keeps one a second, for snapshots."""
         if self.paused:
-            return since_kept >= 1.0
+            return since_kept >= max(min_gap, 1.0)
         if min_gap and since_kept < min_gap * 0.98:
             return False
-        return self._seq == self._taken
+        # An untaken frame is replaced once it is older than two frame intervals (inference
+        # slower than the source): what is classified next is never much older than that.
+        return self._seq == self._taken or since_kept >= 2 * self._interval
 
     def _wait_until_taken(self) -> bool:
         """Block until the last frame offered was taken (or the camera paused); False on stop.

@@ -164,6 +164,7 @@ def _run_until_stopped(
     from edge_daemon.runtime import probe_in_background  # noqa: PLC0415
 
     settings = load_settings(args.env_file)
+    _setup_logging(settings.log_level, args.debug)
     if settings.model.delegate == "cpu":
         # The model's check in a child process overlaps the imports below.
         probe_in_background(settings.model.path, settings.model.runtime)
@@ -172,7 +173,6 @@ def _run_until_stopped(
     from edge_daemon.pipeline import Daemon  # noqa: PLC0415
     from edge_daemon.sources import quiet_opencv  # noqa: PLC0415
 
-    _setup_logging(settings.log_level, args.debug)
     quiet_opencv(args.debug)
     daemon = Daemon(settings)
     log.info("model %s", model_summary(daemon.engine))

@@ -32,7 +32,7 @@ from edge_daemon.manifest import (
     read_labels,
     read_manifest,
 )
-from edge_daemon.preprocess import Image, pixel_table, resize, to_colour
+from edge_daemon.preprocess import Image, pixel_table, resize, to_colour, whole_multiple
 from edge_daemon.runtime import (
     RuntimeName,
     load_edgetpu_delegate,
@@ -161,6 +161,8 @@ class Engine:
         self._logits = self.output_spec.kind == "logits"
         #: Whether ``infer`` runs several crops as one batch (learnt per size in ``auto``).
         self.batching = BatchChoice("auto", self.name)
+        #: The size of the batch the last call ran in (1: one by one).
+        self.last_batch = 1
 
     @classmethod
     def from_path(cls, model_path: Path, **kwargs: Any) -> Engine:
@@ -330,10 +332,10 @@ class Engine:
         return to_colour(resize(image, spec.width, spec.height), spec.colour)
 
     def shape_many(self, images: Sequence[Image]) -> list[Image]:
-        """:meth:`shape` of each image; crops of one size that shrink are stacked and resized
-        in one call. Area averaging maps each crop's rows onto exactly its own output rows (the
-        crop boundaries fall on output boundaries), so no pixel mixes two crops: three OpenCV
-        calls instead of three per crop, which on small crops cost more than the work."""
+        """:meth:`shape` of each image; crops of one size that shrink straight by area
+        averaging are stacked and resized in one call. Area averaging maps each crop's rows onto
+        exactly its own output rows (the crop boundaries fall on output boundaries), so no pixel
+        mixes two crops: a few OpenCV calls per frame instead of a few per crop."""
         spec = self.input_spec
         out: list[Image | None] = [None] * len(images)
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -341,7 +343,14 @@ class Engine:
             groups.setdefault(image.shape, []).append(i)
         for size, members in groups.items():
             shrinking = size[0] >= spec.height and size[1] >= spec.width
-            if len(members) < 2 or not shrinking or size[:2] == (spec.height, spec.width):
+            # A bilinear first step (see ``resize``) would blend rows across crops.
+            exact = whole_multiple(size[1], size[0], spec.width, spec.height) is None
+            if (
+                len(members) < 2
+                or not shrinking
+                or not exact
+                or size[:2] == (spec.height, spec.width)
+            ):
                 for i in members:
                     out[i] = self.shape(images[i])
                 continue
@@ -363,6 +372,7 @@ class Engine:
         n = len(shaped)
         started = time.perf_counter()
         batched = self.batched and self.batching.batch(n)
+        self.last_batch = n if batched else 1
         if batched:
             out = self._invoke(self._interpreter_for(n), fill_all)
         else:

@@ -151,8 +151,10 @@ class InferenceStage:
             return
         self._failures = 0
         inference_ms = (time.perf_counter() - started) * 1000.0
+        # The size of the batch the crops ran in: 1 when they ran one by one.
+        ran = engine.last_batch
         if fresh:
-            self.stats.add_batch(len(fresh), inference_ms)
+            self.stats.add_batch(ran, inference_ms, len(fresh))
         self.stats.reused += len(items) - len(fresh)
         tops: dict[int, tuple[postprocess.Class, ...]] = {}
         if fresh:
@@ -163,13 +165,14 @@ class InferenceStage:
             tops = dict(zip(ok, found, strict=True))
             if self.unchanged_below:
                 for i in ok:
+                    # A copy: a crop already at the model's size is a view of the whole frame.
                     self._last[(items[i].camera, items[i].roi)] = _Last(
-                        shaped[i], tops[i], now, len(fresh)
+                        shaped[i].copy(), tops[i], now, ran
                     )
         fresh_set = set(fresh)
         for i, item in enumerate(items):
             if i in tops:
-                self._emit(item, self._prediction(item, tops[i], inference_ms, len(fresh)))
+                self._emit(item, self._prediction(item, tops[i], inference_ms, ran))
             elif i not in fresh_set:
                 last = self._last[(item.camera, item.roi)]
                 self._emit(item, self._prediction(item, last.top, 0.0, last.batch, reused=True))
@@ -261,3 +264,4 @@ class InferenceStage:
                 return
         self.reloads += 1
         self._failures = 0
+        self._last.clear()  # the model loaded again may be another one

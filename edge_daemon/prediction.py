@@ -90,7 +90,7 @@ class Prediction:
             "latency_ms": round(self.latency_ms, 3),
             "inference_ms": round(self.inference_ms, 3),
             "batch": self.batch,
-        } | ({"reused": True} if self.reused else {})
+        }
 
     def to_json(self) -> bytes:
         """The payload as compact JSON; :class:`EncodeError` for NaN or infinity."""

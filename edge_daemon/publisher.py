@@ -275,9 +275,9 @@ class Publisher:
             with self._send_lock:
                 with self._cond:
                     direct = not self._queue and not self._priority and self._can_send(True)
-                if direct:
-                    self._hand_over(message)
+                if direct and self._hand_over(message):
                     return
+                # Not taken (the connection just broke): queued for the next connection.
         with self._cond:
             lane = self._priority if keep else self._queue
             if keep and retain:

@@ -37,10 +37,11 @@ class InferenceStats:
         """Predictions made: crops classified and crops that reused an earlier result."""
         return self.items + self.reused
 
-    def add_batch(self, size: int, inference_ms: float) -> None:
-        """Count one batch that ran."""
+    def add_batch(self, size: int, inference_ms: float, items: int | None = None) -> None:
+        """Count one round that ran: ``items`` crops (default ``size``) in batches of
+        ``size`` (1 when they ran one by one)."""
         self.batches += 1
-        self.items += size
+        self.items += size if items is None else items
         self.inference_ms_total += inference_ms
         self.batch_sizes[size] = self.batch_sizes.get(size, 0) + 1
 

@@ -3,6 +3,7 @@ pay, unchanged regions not classified again, labels handed to paho by the caller
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from pathlib import Path
@@ -142,8 +143,9 @@ def test_an_unchanged_region_reuses_its_prediction_until_it_changes_or_ages(
     assert again.inference_ms == 0.0
     assert again.batch == first.batch
     assert other.score != first.score  # classified anew
-    assert again.to_dict()["reused"] is True
-    assert "reused" not in first.to_dict()
+    assert again.to_dict()["inference_ms"] == 0  # the payload says so, in its v1 shape
+    assert first.to_dict()["inference_ms"] > 0
+    assert set(again.to_dict()) == set(first.to_dict())
     assert (stage.stats.items, stage.stats.reused) == (2, 1)
     time.sleep(0.6)
     stage.run_batch([item(two, 3)])  # unchanged, but older than the maximum age
@@ -248,15 +250,20 @@ def test_a_live_source_is_grabbed_always_and_retrieved_only_when_taken() -> None
         time.sleep(0.5)  # nobody takes: the source is still read (kept fresh), not retrieved
         device = devices[0]
         assert device.grabs > 20
-        assert device.retrieves == 1
-        assert cam.frames_skipped >= device.grabs - 2
+        # An untaken frame is replaced only once two frame intervals old: at most every other.
+        assert device.retrieves <= device.grabs // 2 + 1
+        assert cam.frames_skipped >= device.grabs // 2 - 1
+        frame = cam.take()
+        assert frame is not None
+        assert time.monotonic() - frame.monotonic < 0.1  # fresh: a few frame intervals
+        before = device.retrieves
         taken = 0
         for _ in range(5):
-            if cam.take() is not None:
+            time.sleep(0.005)  # well within two intervals: the next grab fills the slot
+            if wait_until(cam.has_new, timeout=1, step=0.002) and cam.take() is not None:
                 taken += 1
-            time.sleep(0.05)
         assert taken == 5
-        assert 5 <= device.retrieves <= 7  # the first, one per take, maybe one in flight
+        assert device.retrieves - before <= 7
     finally:
         cam.stop()
 
@@ -285,6 +292,10 @@ def test_labels_go_to_paho_from_the_caller_in_order_while_connected() -> None:
             topic = publisher.topic("cam", "frame", "label")
             for n in range(3000):
                 publisher.publish(topic, b'{"n":%d}' % n)
+                if n % 500 == 499:
+                    # The broker keeps at most 1,000 messages queued for a slow subscriber
+                    # (mosquitto's max_queued_messages): let it catch up.
+                    assert sub.wait_for(functools.partial(arrived_more_than, sub, n))
             arrived = sub.wait_for(lambda: len(sub.on("cam", "frame", "label")) >= 3000, timeout=60)
             assert arrived, (
                 f"{len(sub.on('cam', 'frame', 'label'))} arrived; queued {publisher.queued}, "
@@ -296,6 +307,10 @@ def test_labels_go_to_paho_from_the_caller_in_order_while_connected() -> None:
     numbers = [int(m.payload[5:-1]) for m in sub.on("cam", "frame", "label")]
     assert numbers == list(range(3000))  # every label, in order, whichever thread sent it
     assert threading.current_thread().name in callers  # the caller handed most over itself
+
+
+def arrived_more_than(sub: Any, count: int) -> bool:
+    return len(sub.on("cam", "frame", "label")) > count
 
 
 @pytest.fixture
