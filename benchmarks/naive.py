@@ -46,7 +46,9 @@ def parse_rois(text: str) -> list[tuple[str, tuple[int, int, int, int]]]:
 class Model:
     """The interpreter at batch 1, and what the user knows of the model's input."""
 
-    def __init__(self, path: Path, threads: int | None) -> None:
+    def __init__(self, path: Path, threads: int | None, area: bool = False) -> None:
+        #: Shrink by area averaging (as the daemon does) instead of OpenCV's default bilinear.
+        self.interpolation = cv2.INTER_AREA if area else cv2.INTER_LINEAR
         manifest = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
         self.labels = manifest["labels"]
         self.spec = manifest["input"]
@@ -60,7 +62,7 @@ class Model:
 
     def classify(self, image: np.ndarray) -> tuple[str, float]:
         """The best class of one crop and its score."""
-        image = cv2.resize(image, (self.width, self.height))
+        image = cv2.resize(image, (self.width, self.height), interpolation=self.interpolation)
         if self.spec["colour"] == "gray":
             image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)[..., None]
         elif self.spec["colour"] == "rgb":
@@ -91,10 +93,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=1883)
     parser.add_argument("--prefix", required=True)
     parser.add_argument("--qos", type=int, default=1)
+    parser.add_argument("--area", action="store_true", help="shrink by area averaging")
     args = parser.parse_args()
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
-    model = Model(args.model, args.threads)
+    model = Model(args.model, args.threads, args.area)
     client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2)
     client.connect(args.host, args.port)
     client.loop_start()
