@@ -240,8 +240,8 @@ class Camera:
         last_kept = -1e9
         next_due = time.monotonic()
         while not self._stop.is_set():
-            if pull and self.paused:
-                self._stop.wait(max(0.0, 1.0 - (time.monotonic() - last_kept)))
+            if pull and self.paused:  # one frame a second (or the FPS cap's slower pace)
+                self._stop.wait(max(0.0, max(min_gap, 1.0) - (time.monotonic() - last_kept)))
             elif pull and not self._wait_until_taken():
                 break
             if pace:
