@@ -394,3 +394,31 @@ def spawn_daemon(
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+class FakeCapture:
+    """A camera device that cannot exist here, behind OpenCV's VideoCapture interface:
+    subclasses give ``grab`` and ``retrieve``; the rest behaves as an open device."""
+
+    def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
+        return True
+
+    def grab(self) -> bool:
+        raise NotImplementedError
+
+    def retrieve(self) -> tuple[bool, object]:
+        raise NotImplementedError
+
+    def read(self) -> tuple[bool, object]:
+        return (self.retrieve()) if self.grab() else (False, None)
+
+    def get(self, prop: int) -> float:
+        del prop
+        return 0.0
+
+    def set(self, prop: int, value: float) -> bool:
+        del prop, value
+        return True
+
+    def release(self) -> None:
+        pass

@@ -22,6 +22,7 @@ from edge_daemon.pipeline import Daemon
 from edge_daemon.settings import SAMPLE_CLIP, CameraSettings, Roi
 from tests.conftest import Zoo
 from tests.helpers import (
+    FakeCapture,
     MjpegServer,
     digit_frames,
     run_daemon,
@@ -336,7 +337,7 @@ def test_mqtt_5_and_the_frame_rate_cap(tmp_path: Path) -> None:
     assert daemon.cameras[0].frames_skipped > 30
 
 
-class FakeDevice:
+class FakeDevice(FakeCapture):
     """Stands in for a V4L2 camera (none exists here) behind OpenCV's VideoCapture interface.
 
     It delivers frames until ``unplug()``; then reads fail and opening raises, as for a USB
@@ -353,9 +354,6 @@ class FakeDevice:
         self.settings = settings
         self.count = 0
 
-    def isOpened(self) -> bool:  # noqa: N802
-        return True
-
     def grab(self) -> bool:
         time.sleep(0.02)
         if not FakeDevice.plugged:
@@ -367,20 +365,6 @@ class FakeDevice:
         if not FakeDevice.plugged:
             return False, None
         return True, digit_frames(1, 64, seed=self.count)[0]
-
-    def read(self) -> tuple[bool, object]:
-        return (self.retrieve()) if self.grab() else (False, None)
-
-    def get(self, prop: int) -> float:
-        del prop
-        return 0.0
-
-    def set(self, prop: int, value: float) -> bool:
-        del prop, value
-        return True
-
-    def release(self) -> None:
-        pass
 
 
 def test_usb_camera_that_disappears_and_comes_back(tmp_path: Path) -> None:

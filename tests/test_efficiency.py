@@ -23,6 +23,7 @@ from edge_daemon.pipeline import Daemon
 from edge_daemon.prediction import Prediction
 from edge_daemon.settings import CameraSettings
 from tests.helpers import (
+    FakeCapture,
     digit_frames,
     running,
     settings_for,
@@ -200,7 +201,7 @@ def test_a_file_read_unthrottled_is_pulled_frame_by_frame(tmp_path: Path) -> Non
     assert cam.frames_skipped == 0
 
 
-class CountingDevice:
+class CountingDevice(FakeCapture):
     """A live camera at about 100 fps that counts grabs and retrieves."""
 
     def __init__(self, settings: CameraSettings) -> None:
@@ -208,9 +209,6 @@ class CountingDevice:
         self.grabs = 0
         self.retrieves = 0
         self.image = np.zeros((48, 64, 3), np.uint8)
-
-    def isOpened(self) -> bool:  # noqa: N802
-        return True
 
     def grab(self) -> bool:
         time.sleep(0.01)
@@ -220,20 +218,6 @@ class CountingDevice:
     def retrieve(self) -> tuple[bool, object]:
         self.retrieves += 1
         return True, self.image.copy()
-
-    def read(self) -> tuple[bool, object]:
-        return self.retrieve() if self.grab() else (False, None)
-
-    def get(self, prop: int) -> float:
-        del prop
-        return 0.0
-
-    def set(self, prop: int, value: float) -> bool:
-        del prop, value
-        return True
-
-    def release(self) -> None:
-        pass
 
 
 def test_a_live_source_is_grabbed_always_and_retrieved_only_when_taken() -> None:
