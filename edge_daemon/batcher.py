@@ -69,6 +69,11 @@ class Batcher:
             c.name: dict(c.settings.rois) for c in self.cameras
         }
         self._prepare_failed = RateLimit(rate=1 / 60, burst=1)
+        #: Crops per frame, by camera.
+        self._crops_per_frame = {name: len(rois) or 1 for name, rois in self._rois.items()}
+        #: The regions' boxes by camera and frame size (computed once per size).
+        self._box_cache: dict[tuple[str, int, int], list[tuple[str, tuple[int, int, int, int]]]]
+        self._box_cache = {}
 
     def notify(self) -> None:
         """A camera has a new frame (called from its reader thread)."""
@@ -81,7 +86,17 @@ class Batcher:
 
     def pending(self) -> int:
         """Crops waiting to be batched."""
-        return sum(len(self.rois(c.name)) for c in self.cameras if c.has_new())
+        return sum(self._crops_per_frame[c.name] for c in self.cameras if c.has_new())
+
+    def wait(self, stop: threading.Event, timeout: float) -> None:
+        """Wait until crops are waiting, a :meth:`notify`, ``stop`` or ``timeout``."""
+        with self._ready:
+            if not stop.is_set() and self.pending() == 0:
+                self._ready.wait(timeout)
+
+    def take_ready(self) -> list[Item]:
+        """A batch of the crops waiting now, without waiting for more (empty when none)."""
+        return self._collect() if self.pending() else []
 
     def next_batch(self, stop: threading.Event, idle_timeout: float = 0.2) -> list[Item]:
         """Wait for crops and return a batch; an empty list after ``idle_timeout`` or on stop."""
@@ -126,11 +141,19 @@ class Batcher:
         return items
 
     def _boxes(self, camera: str, image: Image) -> list[tuple[str, tuple[int, int, int, int]]]:
-        rois = self._rois[camera]
         height, width = image.shape[:2]
-        if not rois:
-            return [(WHOLE_FRAME, (0, 0, width, height))]
-        return [(name, roi.box(width, height)) for name, roi in rois.items()]
+        key = (camera, height, width)
+        boxes = self._box_cache.get(key)
+        if boxes is None:
+            rois = self._rois[camera]
+            if not rois:
+                boxes = [(WHOLE_FRAME, (0, 0, width, height))]
+            else:
+                boxes = [(name, roi.box(width, height)) for name, roi in rois.items()]
+            if len(self._box_cache) > 64:  # a source whose size keeps changing
+                self._box_cache.clear()
+            self._box_cache[key] = boxes
+        return boxes
 
     def prepare(self, camera: str, image: Image, engine: Engine) -> Prepared | None:
         """Every region of ``image`` shaped for ``engine`` (called on the camera's thread);

@@ -35,6 +35,20 @@ log = logging.getLogger(__name__)
 #: Failed reads in a row after which a live source counts as gone and is reopened.
 MAX_BAD_READS = 25
 
+#: The clock files played in real time keep time by, shared by every camera.
+_BEAT_EPOCH = time.monotonic()
+
+
+def on_the_beat(pace: float) -> float:
+    """When a file played at one frame every ``pace`` seconds shows its first frame: now, or
+    the next tick of a clock shared by all such files. Recordings played side by side stay in
+    step, so their frames arrive together and are classified together (one wake-up of the
+    threads for all of them, not one each)."""
+    now = time.monotonic()
+    if pace <= 0:
+        return now
+    return _BEAT_EPOCH + -(-(now - _BEAT_EPOCH) // pace) * pace
+
 
 @dataclass(frozen=True, slots=True)
 class Frame:
@@ -86,6 +100,9 @@ class Camera:
         self.prepare: Callable[[Image], object] | None = None
         #: Seconds between frames of the source, smoothed.
         self._interval = 0.1
+        #: True while the source is a file read as fast as it decodes, frame by frame as they
+        #: are taken (see ``_read_loop``).
+        self.pulled = False
         self.frames_read = 0
         self.frames_skipped = 0
         self.reopens = 0
@@ -131,6 +148,11 @@ class Camera:
     def finished(self) -> bool:
         """True once a file that does not loop has ended."""
         return self._finished
+
+    @property
+    def interval(self) -> float:
+        """Seconds between the source's frames, smoothed (0.1 before any arrived)."""
+        return self._interval
 
     def has_new(self) -> bool:
         """True when a frame arrived that has not been taken yet (never while paused)."""
@@ -233,12 +255,13 @@ class Camera:
         # A file read as fast as it decodes is pulled: the next frame is read once the last
         # one was taken, so none is decoded to be thrown away.
         pull = is_file and not pace
+        self.pulled = pull
         min_gap = 1.0 / self.settings.fps if self.settings.fps else 0.0
         counter = 0
         failures = 0
         last_good = time.monotonic()
         last_kept = -1e9
-        next_due = time.monotonic()
+        next_due = on_the_beat(pace)
         while not self._stop.is_set():
             if pull and self.paused:  # one frame a second (or the FPS cap's slower pace)
                 self._stop.wait(max(0.0, max(min_gap, 1.0) - (time.monotonic() - last_kept)))
@@ -249,7 +272,6 @@ class Camera:
                 if delay > 0:
                     self._stop.wait(delay)
                 next_due = max(next_due + pace, time.monotonic() - pace)
-            position = int(capture.get(cv2.CAP_PROP_POS_FRAMES)) if is_file else counter
             ok = capture.grab()
             now = time.monotonic()
             image = None
@@ -290,7 +312,9 @@ class Camera:
                 self.frames_skipped += 1
                 continue
             last_kept = now
-            self.offer(self._kept(image, position, now))
+            # The frame's number: those grabbed before it since the source opened (for a
+            # file, since it seeked to 0 too).
+            self.offer(self._kept(image, counter - 1, now))
         return "stopped"
 
     def _kept(self, image: object, position: int, grabbed: float) -> Frame:

@@ -55,6 +55,16 @@ def _quantization(detail: dict[str, Any]) -> Quantization | None:
     return Quantization(scale=float(scale), zero_point=int(zero_point))
 
 
+def _bounded(dtype: np.dtype[Any], quantization: Quantization | None) -> bool:
+    """Whether every value of an integer tensor dequantises into 0..1 (in float32, as
+    :func:`postprocess.dequantize` computes)."""
+    if quantization is None or not np.issubdtype(dtype, np.integer):
+        return False
+    limits = np.iinfo(dtype)
+    ends = postprocess.dequantize(np.array([limits.min, limits.max], dtype=dtype), quantization)
+    return bool(ends.min() >= 0.0 and ends.max() <= 1.0)
+
+
 def _dtype_name(detail: dict[str, Any]) -> str:
     return str(np.dtype(detail["dtype"]).name)
 
@@ -159,6 +169,11 @@ class Engine:
         self.resizes = 0
         #: Set once any output showed values outside 0..1: the model gives logits.
         self._logits = self.output_spec.kind == "logits"
+        #: The output is integers whose every value dequantises into 0..1: each output is
+        #: probabilities as it stands, finite, with nothing to check or clip.
+        self.output_bounded = not self._logits and _bounded(
+            np.dtype(self._output["dtype"]), self.output_spec.quantization
+        )
         #: Whether ``infer`` runs several crops as one batch (learnt per size in ``auto``).
         self.batching = BatchChoice("auto", self.name)
         #: The size of the batch the last call ran in (1: one by one).
@@ -302,8 +317,8 @@ class Engine:
             raise
         del view
         interpreter.invoke()
-        out: npt.NDArray[np.generic] = interpreter.get_tensor(self._output["index"])
-        return out.copy()
+        out: npt.NDArray[np.generic] = interpreter.get_tensor(self._output["index"])  # a copy
+        return out
 
     def run(self, batch: npt.NDArray[np.generic]) -> npt.NDArray[np.generic]:
         """Raw output for a preprocessed batch, shape ``(n, classes)``.
@@ -381,7 +396,10 @@ class Engine:
                 return lambda view: np.take(table, image, out=view[0])
 
             one = self.interpreter
-            out = np.concatenate([self._invoke(one, fill_one(image)) for image in shaped])
+            if n == 1:
+                out = self._invoke(one, fill_one(shaped[0]))
+            else:
+                out = np.concatenate([self._invoke(one, fill_one(image)) for image in shaped])
         if self.batched:
             self.batching.record(n, batched, time.perf_counter() - started)
         return out
@@ -391,6 +409,8 @@ class Engine:
         non-finite so the caller can drop them. Once an output strays outside 0..1 the model
         is taken to give logits, from then on."""
         values = postprocess.real_values(raw, self.output_spec)
+        if self.output_bounded:
+            return values
         if not self._logits and postprocess.looks_like_logits(values):
             self._logits = True
             log.warning(

@@ -1,9 +1,19 @@
 """The inference stage: batches of crops through the engine into predictions.
 
-One thread, the only one to touch the interpreter. Everything a batch does (preprocessing
-into the interpreter's input, invoking, reading the output) is inside one ``try``: a batch
-that fails is dropped and counted, several in a row reload the model, and a model that cannot
-be reloaded stops the daemon (the supervisor sees :attr:`InferenceStage.fatal`).
+One thread at a time runs batches (the interpreter is not thread-safe): the ``inference``
+thread, or a camera's thread that just offered a frame of a live source. When nothing is
+running and a batch is short next to the camera's frame interval, that thread classifies what
+is waiting itself, while its caches are warm, instead of waking the inference thread: a thread
+wake-up fewer per frame, and the label out sooner. It gives the role back after half a frame
+interval, so its own source is never left unread; the inference thread runs the rest, and runs
+everything when batches are slow, when the batcher waits for fuller batches, and for files read
+as fast as they decode (there the camera's thread decodes the next frame meanwhile).
+
+Everything a batch does (preprocessing into the interpreter's input, invoking, reading the
+output) is inside one ``try``: a batch that fails is dropped and counted, several in a row
+reload the model, and a model that cannot be reloaded stops the daemon (the supervisor sees
+:attr:`InferenceStage.fatal`). Anything else that goes wrong while a camera's thread runs
+batches ends the inference thread, as if it had happened there.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import cv2
 
 from edge_daemon import postprocess
 from edge_daemon.batcher import Batcher, Item
+from edge_daemon.capture import Camera
 from edge_daemon.control import RateLimit
 from edge_daemon.engine import Engine
 from edge_daemon.errors import EdgeDaemonError
@@ -36,6 +47,14 @@ class ReloadError(EdgeDaemonError):
 
 #: Batches that fail one after another before the model is loaded again.
 MAX_CONSECUTIVE_FAILURES = 3
+
+#: A camera's thread runs batches itself only while one takes less than this share of the
+#: camera's frame interval (smoothed), and for at most this share of it in a row.
+INLINE_SHARE = 0.25
+INLINE_BUDGET = 0.5
+
+#: Seconds the inference thread waits for crops (or for the role) before it looks around.
+IDLE_WAIT_S = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +105,13 @@ class InferenceStage:
         #: The live difference below which a crop counts as unchanged (0: never).
         self.unchanged_below = settings.unchanged_below
         self._stop = threading.Event()
+        #: Guards ``_running``: whether a thread (this stage's or a camera's) runs batches.
+        self._role = threading.Condition()
+        self._running = False
+        #: Seconds a batch takes, smoothed (a camera's thread runs only short ones).
+        self._batch_s = 0.0
+        #: What went wrong on a camera's thread while it ran batches (ends this stage).
+        self._crash: str | None = None
         self.thread = StageThread("inference", self._loop)
 
     def start(self) -> None:
@@ -96,6 +122,8 @@ class InferenceStage:
         """Ask the loop to finish the batch in flight and end."""
         self._stop.set()
         self.batcher.notify()  # a wait for more crops ends now
+        with self._role:
+            self._role.notify_all()
 
     @property
     def latest_engine(self) -> Engine:
@@ -111,22 +139,99 @@ class InferenceStage:
         """Change the score threshold (from the control topic)."""
         self.threshold = value
 
+    def frame_ready(self, camera: Camera) -> None:
+        """Called on ``camera``'s thread once it offered a frame: classify what is waiting
+        here when that pays (see the module's docstring), else wake the inference thread."""
+        if not self._inline(camera):
+            self.batcher.notify()
+            return
+        if not self._claim(wait=False):
+            return  # whoever runs batches takes this frame before giving the role back
+        deadline = time.monotonic() + INLINE_BUDGET * camera.interval
+        try:
+            while not self._stop.is_set():
+                items = self.batcher.take_ready()
+                if not items:
+                    if self._release():
+                        return
+                    continue
+                self._swap_engine()
+                self.run_batch(items)
+                self.last_progress = time.monotonic()
+                if self.last_progress >= deadline:
+                    break
+        except BaseException as exc:  # handed to the inference thread, not lost
+            self._crash = f"{type(exc).__name__}: {exc} (on camera {camera.name}'s thread)"
+            log.critical("running a batch on camera %s's thread failed", camera.name, exc_info=True)
+            self._stop.set()
+        # Out of time (or stopping): the inference thread runs the rest.
+        self._release(force=True)
+        self.batcher.notify()
+
+    def _inline(self, camera: Camera) -> bool:
+        """Whether ``camera``'s thread may run batches: a live (or paced) source, no waiting
+        for fuller batches, and batches short next to its frame interval."""
+        return (
+            not camera.pulled
+            and not self.batcher.max_delay_s
+            and self._batch_s < INLINE_SHARE * camera.interval
+            and not self._stop.is_set()
+        )
+
+    def _claim(self, *, wait: bool) -> bool:
+        """Take the role of running batches; with ``wait``, for up to ``IDLE_WAIT_S``."""
+        with self._role:
+            if self._running and wait:
+                self._role.wait(IDLE_WAIT_S)
+            if self._running or self._stop.is_set():
+                return False
+            self._running = True
+            return True
+
+    def _release(self, *, force: bool = False) -> bool:
+        """Give the role back, unless crops are waiting (the holder runs them first): a camera
+        that found the role taken relies on that. True once given back."""
+        with self._role:
+            if not force and self.batcher.pending() and not self._stop.is_set():
+                return False
+            self._running = False
+            self._role.notify_all()
+            return True
+
+    def _swap_engine(self) -> None:
+        """Put in the model a reload handed over (by whoever holds the role)."""
+        engine, self._next_engine = self._next_engine, None
+        if engine is not None:
+            self.engine = engine  # the old one's interpreters go with the last reference
+            self._failures = 0
+            self._last.clear()  # the old model's results are not the new one's
+
     def _loop(self) -> None:
-        while True:
-            self.last_progress = time.monotonic()
-            engine, self._next_engine = self._next_engine, None
-            if engine is not None:
-                self.engine = engine  # the old one's interpreters go with the last reference
-                self._failures = 0
-                self._last.clear()  # the old model's results are not the new one's
-            items = self.batcher.next_batch(self._stop)
-            if not items:
-                if self._stop.is_set():
-                    return
+        self._serve()
+        if self._crash is not None:  # the supervisor sees this thread die of it
+            raise RuntimeError(self._crash)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            self.batcher.wait(self._stop, IDLE_WAIT_S)
+            # A role held for long (a camera's thread inside a batch that hangs) is no
+            # progress: the watchdog is fed only once this thread gets the role.
+            if not self._claim(wait=True):
                 continue
-            self.run_batch(items)
-            if self.fatal is not None:
-                return
+            released = False
+            try:
+                self.last_progress = time.monotonic()
+                while not self._stop.is_set():
+                    self._swap_engine()
+                    items = self.batcher.next_batch(self._stop, idle_timeout=0.0)
+                    if items:
+                        self.run_batch(items)
+                    elif self._release():
+                        released = True
+                        break
+            finally:
+                if not released:  # stopping, or an error on its way to the supervisor
+                    self._release(force=True)
 
     def run_batch(self, items: list[Item]) -> None:
         """Classify one batch and emit its predictions; a failure drops the batch. A region
@@ -151,6 +256,7 @@ class InferenceStage:
             return
         self._failures = 0
         inference_ms = (time.perf_counter() - started) * 1000.0
+        self._batch_s += 0.2 * (inference_ms / 1000.0 - self._batch_s)
         # The size of the batch the crops ran in: 1 when they ran one by one.
         ran = engine.last_batch
         if fresh:
@@ -158,9 +264,7 @@ class InferenceStage:
         self.stats.reused += len(items) - len(fresh)
         tops: dict[int, tuple[postprocess.Class, ...]] = {}
         if fresh:
-            finite = postprocess.finite_rows(scores)
-            ok = [i for i, good in zip(fresh, finite, strict=True) if good]
-            rows = scores[finite]
+            ok, rows = self._finite(engine, fresh, scores)
             found = postprocess.top_k_rows(rows, engine.labels, self.settings.top_k)
             tops = dict(zip(ok, found, strict=True))
             if self.unchanged_below:
@@ -179,6 +283,16 @@ class InferenceStage:
             else:
                 self._last.pop((item.camera, item.roi), None)
                 self._drop_invalid(item)
+
+    @staticmethod
+    def _finite(
+        engine: Engine, fresh: list[int], scores: postprocess.Scores
+    ) -> tuple[list[int], postprocess.Scores]:
+        """The crops whose scores are all finite numbers, and those scores."""
+        if engine.output_bounded:  # integers: never NaN or infinity
+            return fresh, scores
+        finite = postprocess.finite_rows(scores)
+        return [i for i, good in zip(fresh, finite, strict=True) if good], scores[finite]
 
     @staticmethod
     def _shaped(engine: Engine, items: list[Item]) -> list[Image]:

@@ -1,7 +1,7 @@
 """The daemon: wires cameras -> batcher -> inference -> publisher, starts, supervises, stops.
 
 Each stage is its own unit: :mod:`capture` (one reader thread per camera), :mod:`batcher`,
-:mod:`inference` (the one thread that touches the interpreter), :mod:`publisher` (paho's
+:mod:`inference` (one thread at a time touches the interpreter), :mod:`publisher` (paho's
 network thread and a sender), :mod:`control` (commands, on the supervisor's thread) and
 :mod:`stats`. The supervisor (the thread that calls :meth:`Daemon.run`) watches them: a stage
 whose thread died stops the daemon with a non-zero exit, and the systemd watchdog is fed only
@@ -60,9 +60,16 @@ class Daemon:
         )
         self.publisher = Publisher(settings, inbox)
         self.cameras = [
-            Camera(name, cam, opener=opener, on_status=self._camera_status, on_frame=self._notify)
+            Camera(
+                name,
+                cam,
+                opener=opener,
+                on_status=self._camera_status,
+                on_frame=functools.partial(self._frame_ready, name),
+            )
             for name, cam in cameras.items()
         ]
+        self._camera = {camera.name: camera for camera in self.cameras}
         self.batcher = Batcher(
             self.cameras, settings.inference.max_batch, settings.inference.max_delay_ms / 1000.0
         )
@@ -116,6 +123,8 @@ class Daemon:
         #: Why the daemon gave up; None while healthy.
         self.fatal: EdgeDaemonError | None = None
         self._unencodable = control.RateLimit(rate=1 / 60, burst=1)
+        #: Label topics by camera and region, made once.
+        self._label_topics: dict[tuple[str, str], str] = {}
 
     # --- what the stages own, for the supervisor, statistics and tests ---------------------
 
@@ -262,8 +271,9 @@ class Daemon:
 
     # --- callbacks -------------------------------------------------------------------------
 
-    def _notify(self) -> None:
-        self.batcher.notify()
+    def _frame_ready(self, camera: str) -> None:
+        """On a camera's thread, once it offered a frame."""
+        self.inference.frame_ready(self._camera[camera])
 
     def _prepare(self, camera: str, image: Image) -> Prepared | None:
         """On a camera's thread: its regions shaped for the model that will run them."""
@@ -318,9 +328,11 @@ class Daemon:
                 exc,
             )
             return
-        self.publisher.publish(
-            self.publisher.topic(prediction.camera, prediction.roi, "label"), payload
-        )
+        key = (prediction.camera, prediction.roi)
+        topic = self._label_topics.get(key)
+        if topic is None:
+            topic = self._label_topics[key] = self.publisher.topic(*key, "label")
+        self.publisher.publish(topic, payload)
 
     # --- status and statistics -------------------------------------------------------------
 

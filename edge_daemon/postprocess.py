@@ -101,6 +101,10 @@ def top_k(
 def top_k_rows(rows: Scores, labels: tuple[str, ...], k: int = 1) -> list[tuple[Class, ...]]:
     """:func:`top_k` of every row at once (one sort for the whole batch), best first, ties to
     the lower class index."""
+    if k == 1:  # the common case, in two calls: argmax takes the first of equal scores
+        best = rows.argmax(axis=1)
+        values = rows[np.arange(rows.shape[0]), best].tolist()
+        return [(Class(i, labels[i], v),) for i, v in zip(best.tolist(), values, strict=True)]
     k = min(k, rows.shape[1])
     order = np.argsort(-rows, axis=1, kind="stable")[:, :k]
     values = np.take_along_axis(rows, order, axis=1).tolist()

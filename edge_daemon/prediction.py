@@ -30,10 +30,14 @@ def iso_utc(wall: float) -> str:
     return datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds")
 
 
+#: Made once: ``json.dumps`` with options builds a new encoder on every call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def encode(payload: dict[str, Any]) -> bytes:
     """Compact JSON, refusing NaN and infinity."""
     try:
-        return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+        return _ENCODER.encode(payload).encode()
     except ValueError as exc:
         raise EncodeError(f"not valid JSON: {exc}") from None
 

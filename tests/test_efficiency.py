@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_daemon import batching
+from edge_daemon import batching, capture
 from edge_daemon.batcher import Batcher, Item
 from edge_daemon.batching import BatchChoice
 from edge_daemon.capture import Camera, Frame
@@ -172,8 +172,7 @@ def test_zero_classifies_every_crop_and_a_new_model_forgets(digits_engine: Engin
     stage.run_batch([item(seven, 1)])
     assert out.predictions[-1].reused
     stage.offer_engine(digits_engine.reopen())
-    stage._stop.set()  # one turn of the loop: swaps the engine, finds no batch, returns
-    stage._loop()
+    stage._swap_engine()  # what runs before every batch
     stage.run_batch([item(seven, 2)])
     assert not out.predictions[-1].reused
 
@@ -362,3 +361,115 @@ def test_large_regions_are_shaped_on_the_camera_thread_for_the_model_that_runs(
     stage2, out2 = stage_for(other, unchanged_below=0)
     stage2.run_batch([queued])
     assert out2.predictions[0].top == out.predictions[0].top
+
+
+# --- live frames classified on the camera's own thread -----------------------------------------
+
+
+def offered(camera: Camera, number: int) -> None:
+    image = np.zeros((64, 64, 3), np.uint8)
+    camera.offer(Frame(image, number, time.monotonic(), time.time()))
+
+
+def test_whoever_runs_batches_takes_every_frame_offered_meanwhile(digits_engine: Engine) -> None:
+    cams = [Camera(f"c{i}", CameraSettings(source="/dev/video0")) for i in range(4)]
+    for cam in cams:
+        cam._interval = 1.0  # a long frame interval: no runner gives up for lack of time
+    settings = load_settings()
+    batcher = Batcher(cams, max_batch=8, max_delay_s=0.0)
+    emitted: list[tuple[str, int, str]] = []
+
+    def emit(item: Item, prediction: Prediction) -> None:
+        emitted.append((item.camera, prediction.frame, threading.current_thread().name))
+        time.sleep(0.0005)  # others offer while this thread holds the role
+
+    stage = InferenceStage(
+        settings.inference,
+        "dev",
+        batcher,
+        engine=digits_engine,
+        emit=emit,
+        reload=lambda: digits_engine,
+    )
+
+    def feed(cam: Camera) -> None:
+        rng = np.random.default_rng(len(cam.name))
+        for n in range(40):
+            offered(cam, n)
+            stage.frame_ready(cam)
+            time.sleep(float(rng.uniform(0, 0.002)))
+
+    threads = [threading.Thread(target=feed, args=(c,), name=f"camera-{c.name}") for c in cams]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    # The inference thread never started: a frame left waiting would have been stranded.
+    assert batcher.pending() == 0
+    assert not stage._running
+    for cam in cams:
+        numbers = [n for name, n, _ in emitted if name == cam.name]
+        assert numbers == sorted(numbers)  # in order
+        assert numbers[-1] == 39  # the last one too
+    runners = {thread for _, _, thread in emitted}
+    assert runners <= {f"camera-c{i}" for i in range(4)}
+    assert len({(name, thread) for name, _, thread in emitted if name != thread[7:]}) > 0, (
+        "no camera's thread ran another camera's frame"
+    )
+
+
+def test_a_camera_thread_runs_batches_only_when_they_are_short_and_nothing_waits(
+    digits_engine: Engine,
+) -> None:
+    cam = Camera("c", CameraSettings(source="/dev/video0"))
+    cam._interval = 1 / 30
+    stage, _ = stage_for(digits_engine)
+    stage._batch_s = 0.001
+    assert stage._inline(cam)
+    stage._batch_s = 0.010  # more than a quarter of a frame interval: the inference thread
+    assert not stage._inline(cam)
+    stage._batch_s = 0.001
+    cam.pulled = True  # a file read as fast as it decodes: its thread decodes meanwhile
+    assert not stage._inline(cam)
+    cam.pulled = False
+    stage.batcher.max_delay_s = 0.02  # waiting for fuller batches: the inference thread
+    assert not stage._inline(cam)
+
+
+def test_paced_files_keep_step_with_one_clock() -> None:
+    pace = 1 / 30
+    starts = []
+    for _ in range(3):
+        start = capture.on_the_beat(pace)
+        assert 0 <= start - time.monotonic() <= pace + 1e-6
+        ticks = (start - capture._BEAT_EPOCH) / pace
+        assert abs(ticks - round(ticks)) < 1e-6  # on the shared clock's ticks
+        starts.append(start)
+        time.sleep(0.011)
+    assert capture.on_the_beat(0) <= time.monotonic()  # unpaced: now
+
+
+def finished(daemon: Daemon) -> bool:
+    return daemon.cameras[0].finished
+
+
+def test_live_frames_are_classified_on_their_camera_thread_and_pulled_ones_are_not(
+    tmp_path: Path,
+) -> None:
+    video = write_video(tmp_path / "clip.mp4", digit_frames(30, 64), fps=30)
+    for realtime, where in ((True, "camera-"), (False, "inference")):
+        cams = {"c0": CameraSettings(source=str(video), realtime=realtime, loop=False)}
+        daemon = Daemon(settings_for(unique_prefix(), cameras=cams))
+        threads: list[str] = []
+        real = daemon.inference._emit
+
+        def emit(*args: Any, threads: list[str] = threads, real: Any = real) -> None:
+            threads.append(threading.current_thread().name)
+            real(*args)
+
+        daemon.inference._emit = emit
+        with running(daemon):
+            assert wait_until(functools.partial(finished, daemon), timeout=30)
+        assert len(threads) >= 10
+        on_camera = sum(t.startswith(where) for t in threads)
+        assert on_camera >= 0.8 * len(threads), (realtime, threads)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -171,3 +172,48 @@ def test_stop_does_not_wait_for_a_long_batch_delay() -> None:
     took = time.monotonic() - started
     assert not daemon.inference.thread.is_alive()
     assert took < 4.0, f"stop took {took:.1f} s"
+
+
+def test_an_error_while_a_camera_thread_runs_batches_stops_the_daemon(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    daemon = Daemon(settings_for(unique_prefix()))  # the sample clip, played in real time
+    real = daemon.inference._emit
+    calls = {"n": 0}
+
+    def breaks_after_a_few(*args: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise MemoryError("injected")
+        real(*args)
+
+    daemon.inference._emit = breaks_after_a_few
+    with running(daemon):
+        dies_with(daemon, "inference", caplog)
+    assert "camera sample's thread" in str(daemon.fatal)
+
+
+def test_a_batch_stuck_on_a_camera_thread_stops_feeding_the_watchdog() -> None:
+    daemon = Daemon(settings_for(unique_prefix()))
+    stuck = threading.Event()
+    release = threading.Event()
+    real = daemon.inference._emit
+
+    def hangs_once(*args: Any) -> None:
+        if not stuck.is_set():
+            stuck.set()
+            release.wait(30)  # a runtime call that never returns
+        real(*args)
+
+    daemon.inference._emit = hangs_once
+    with running(daemon):
+        try:
+            assert stuck.wait(20)
+            time.sleep(0.5)
+            before = daemon.inference.last_progress
+            time.sleep(1.0)  # the inference thread goes round five times meanwhile
+            assert daemon.inference.last_progress == before, "progress without a batch"
+            assert daemon.inference.thread.is_alive()
+        finally:
+            release.set()
+        assert wait_until(lambda: daemon.inference.last_progress > before, timeout=5)
