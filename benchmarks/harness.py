@@ -286,14 +286,20 @@ def fmt_run(r: Run) -> str:
 
 def timed(fn: Any, seconds: float) -> float:
     """Seconds per call of ``fn`` over about ``seconds``."""
+    return timed_cpu(fn, seconds)[0]
+
+
+def timed_cpu(fn: Any, seconds: float) -> tuple[float, float]:
+    """Seconds per call of ``fn`` over about ``seconds``, and this process's CPU seconds per
+    call meanwhile (every thread's: FFmpeg's decoding threads, paho's network thread)."""
     fn()
-    calls, started = 0, time.perf_counter()
+    calls, started, cpu = 0, time.perf_counter(), time.process_time()
     while True:
         fn()
         calls += 1
         elapsed = time.perf_counter() - started
         if elapsed >= seconds:
-            return elapsed / calls
+            return elapsed / calls, (time.process_time() - cpu) / calls
 
 
 def stages(w: Workload, seconds: float) -> dict[str, float]:
@@ -307,7 +313,8 @@ def stages(w: Workload, seconds: float) -> dict[str, float]:
             capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
 
     regions = max(len(w.rois), 1)
-    out: dict[str, float] = {"decode": regions / timed(decode, seconds)}
+    wall, cpu = timed_cpu(decode, seconds)
+    out: dict[str, float] = {"decode": regions / wall, "cpu_decode": cpu / regions}
     capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
     _, first = capture.read()
     capture.release()
@@ -316,16 +323,19 @@ def stages(w: Workload, seconds: float) -> dict[str, float]:
     h, wd = frame.shape[:2]
     boxes = [parse_box(b) for b in w.rois.values()] or [(0, 0, wd, h)]
     crops = [crop(frame, b) for b in boxes]
-    out["preprocess"] = len(crops) / timed(lambda: [engine.shape(c) for c in crops], seconds)
+    wall, cpu = timed_cpu(lambda: [engine.shape(c) for c in crops], seconds)
+    out["preprocess"], out["cpu_preprocess"] = len(crops) / wall, cpu / len(crops)
     shaped = [engine.shape(c) for c in crops]
     engine.batching.mode = "off"
-    out["invoke_b1"] = 1 / timed(lambda: engine.infer_shaped(shaped[:1]), seconds)
+    wall, cpu = timed_cpu(lambda: engine.infer_shaped(shaped[:1]), seconds)
+    out["invoke_b1"], out["cpu_invoke_b1"] = 1 / wall, cpu
     batch = len(shaped) if w.rois else w.cameras
     if batch > 1 and engine.batched:
         many = (shaped * batch)[:batch]
         engine.batching.mode = "on"
-        out[f"invoke_b{batch}"] = batch / timed(lambda: engine.infer_shaped(many), seconds)
-    out["publish"] = publish_rate(seconds)
+        wall, cpu = timed_cpu(lambda: engine.infer_shaped(many), seconds)
+        out[f"invoke_b{batch}"], out[f"cpu_invoke_b{batch}"] = batch / wall, cpu / batch
+    out["publish"], out["cpu_publish"] = publish_rate(seconds)
     return out
 
 
@@ -352,24 +362,25 @@ def sample_prediction() -> Prediction:
     )
 
 
-def publish_rate(seconds: float) -> float:
+def publish_rate(seconds: float) -> tuple[float, float]:
     """Labels per second one paho client delivers alone at QoS 1, acknowledgements included
-    (its network thread's work is part of publishing)."""
+    (its network thread's work is part of publishing), and the CPU seconds per label."""
     prediction = sample_prediction()
     topic = f"bench/{uuid.uuid4().hex[:8]}/cam0/digit/label"
     client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2)
     client.max_inflight_messages_set(100)
     client.connect(HOST, PORT)
     client.loop_start()
-    sent, started = 0, time.perf_counter()
+    sent, started, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - started < seconds:
         infos = [client.publish(topic, prediction.to_json(), qos=1) for _ in range(500)]
         infos[-1].wait_for_publish(30)
         sent += len(infos)
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu
     client.disconnect()
     client.loop_stop()
-    return sent / elapsed
+    return sent / elapsed, cpu / sent
 
 
 def publish_cost(seconds: float, rounds: int = 5) -> dict[str, float]:
@@ -467,7 +478,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a quick run: seconds per case")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="PART",
+        help="run only this part (a workload's number, 'still' or 'costs'; repeatable): "
+        "its lines are printed, nothing is written",
+    )
     args = parser.parse_args()
+    only = set(args.only or ())
     tiny = args.tiny
     warmup, window, live_window = (0.5, 1.5, 3.0) if tiny else (3.0, 15.0, 60.0)
     stage_s = 0.2 if tiny else 1.5
@@ -481,6 +500,8 @@ def main() -> None:
     print("building models and clips (cached in build/bench-cache)...", flush=True)
     groups = workloads(tiny)
     for group, items in groups.items():
+        if only and group.split()[0] not in only:
+            continue
         print(f"workload {group}", flush=True)
         entries = []
         for w in items:
@@ -494,10 +515,15 @@ def main() -> None:
             entry |= {k: asdict(v) for k, v in runs.items()}
             entries.append(entry)
         report["workloads"][group] = entries
-    print("still scene", flush=True)
-    report["still"] = {k: asdict(v) for k, v in still_scene(tiny, warmup, window).items()}
-    costs = publish_cost(stage_s)
-    report["per_label_us"] = {k: v * 1e6 for k, v in costs.items()}
+    if not only or "still" in only:
+        print("still scene", flush=True)
+        report["still"] = {k: asdict(v) for k, v in still_scene(tiny, warmup, window).items()}
+    if not only or "costs" in only:
+        costs = publish_cost(stage_s)
+        report["per_label_us"] = {k: v * 1e6 for k, v in costs.items()}
+        print(f"  per label: {report['per_label_us']}", flush=True)
+    if only:
+        return  # a part of the run: the table compares a whole run's figures only
     report["seconds"] = round(time.time() - started, 1)
     from benchmarks.report import chart, table  # noqa: PLC0415
 

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 #: Failed reads in a row after which a live source counts as gone and is reopened.
 MAX_BAD_READS = 25
 
+#: A pause up to this long between two frames of a paced file is a plain sleep.
+SHORT_SLEEP_S = 0.05
+
 #: The clock files played in real time keep time by, shared by every camera.
 _BEAT_EPOCH = time.monotonic()
 
@@ -268,10 +271,7 @@ class Camera:
             elif pull and not self._wait_until_taken():
                 break
             if pace:
-                delay = next_due - time.monotonic()
-                if delay > 0:
-                    self._stop.wait(delay)
-                next_due = max(next_due + pace, time.monotonic() - pace)
+                next_due = self._pace(next_due, pace)
             ok = capture.grab()
             now = time.monotonic()
             image = None
@@ -316,6 +316,15 @@ class Camera:
             # file, since it seeked to 0 too).
             self.offer(self._kept(image, counter - 1, now))
         return "stopped"
+
+    def _pace(self, due: float, pace: float) -> float:
+        """Wait until ``due`` (a paced file's next frame); when the one after is due."""
+        delay = due - time.monotonic()
+        if delay > SHORT_SLEEP_S:
+            self._stop.wait(delay)
+        elif delay > 0:
+            time.sleep(delay)  # cheaper than an event's wait, and as short a stop
+        return max(due + pace, time.monotonic() - pace)
 
     def _kept(self, image: object, position: int, grabbed: float) -> Frame:
         """A kept frame, with what ``prepare`` makes of it on this thread."""

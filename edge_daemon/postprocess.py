@@ -6,6 +6,7 @@ by 255 is only right for one quantisation, and wrong for the rest).
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +15,9 @@ import numpy.typing as npt
 from edge_daemon.manifest import OutputSpec, Quantization
 
 Scores = npt.NDArray[np.float32]
+
+#: Up to this many classes, the best ones are picked in Python (see :func:`top_k_rows`).
+SMALL_OUTPUT = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,11 +105,15 @@ def top_k(
 def top_k_rows(rows: Scores, labels: tuple[str, ...], k: int = 1) -> list[tuple[Class, ...]]:
     """:func:`top_k` of every row at once (one sort for the whole batch), best first, ties to
     the lower class index."""
-    if k == 1:  # the common case, in two calls: argmax takes the first of equal scores
-        best = rows.argmax(axis=1)
-        values = rows[np.arange(rows.shape[0]), best].tolist()
-        return [(Class(i, labels[i], v),) for i, v in zip(best.tolist(), values, strict=True)]
     k = min(k, rows.shape[1])
+    if rows.shape[1] <= SMALL_OUTPUT:
+        # A few classes: one call into NumPy, then plain Python (``nlargest`` keeps equal
+        # scores in index order), cheaper than a sort and a gather through NumPy.
+        out = []
+        for row in rows.tolist():
+            best = heapq.nlargest(k, range(len(row)), key=row.__getitem__)
+            out.append(tuple(Class(i, labels[i], row[i]) for i in best))
+        return out
     order = np.argsort(-rows, axis=1, kind="stable")[:, :k]
     values = np.take_along_axis(rows, order, axis=1).tolist()
     return [

@@ -11,6 +11,7 @@ import jsonschema
 import numpy as np
 import pytest
 
+from edge_daemon import engine as engine_module
 from edge_daemon.backoff import Backoff
 from edge_daemon.batcher import WHOLE_FRAME, Batcher
 from edge_daemon.capture import Camera, Frame
@@ -23,6 +24,7 @@ from edge_daemon.postprocess import (
     scores,
     softmax,
     top_k,
+    top_k_rows,
 )
 from edge_daemon.prediction import EncodeError, Prediction, encode
 from edge_daemon.preprocess import pixel_table, preprocess_into
@@ -134,6 +136,27 @@ def test_preprocess_into_writes_a_slot_in_place() -> None:
 
 
 # --- postprocessing -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("classes", [4, 10, 64, 65, 1000])
+def test_top_k_of_a_batch_is_top_k_of_each_row_ties_included(classes: int) -> None:
+    rng = np.random.default_rng(classes)
+    # Scores from a few levels (a quantised output): many equal ones.
+    rows = (rng.integers(0, 6, (5, classes)) / 8).astype(np.float32)
+    labels = tuple(f"c{i}" for i in range(classes))
+    for k in (1, 3, classes + 2):
+        assert top_k_rows(rows, labels, k) == [top_k(row, labels, k) for row in rows]
+
+
+def test_an_integer_output_that_stays_in_0_1_needs_no_checks() -> None:
+    def engine_bounded(dtype: str, scale: float, zero: int) -> bool:
+        return engine_module._bounded(np.dtype(dtype), Quantization(scale=scale, zero_point=zero))
+
+    assert engine_bounded("uint8", 1 / 256, 0)  # the converter's softmax output
+    assert engine_bounded("int8", 1 / 256, -128)
+    assert not engine_bounded("int8", 1 / 256, 0)  # -0.5 .. 0.5
+    assert not engine_bounded("uint8", 0.1, 0)  # up to 25.5: logits
+    assert not engine_module._bounded(np.dtype("float32"), None)
 
 
 def test_top_k_ties_go_to_the_lower_index_and_threshold_filters() -> None:
