@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import signal
@@ -65,11 +66,26 @@ class Run:
     reused_share: float = 0.0
     threads: int = 0
     labels: int = 0
+    #: The broker's and the subscriber's CPU over the same window (on the same cores).
+    broker_cpu_percent: float = float("nan")
+    subscriber_cpu_percent: float = float("nan")
 
 
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def broker_pid() -> int | None:
+    """The local mosquitto's process, when there is one to read."""
+    pids = []
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() == "mosquitto":
+                pids.append(int(comm.parent.name))
+        except OSError:
+            continue  # a process that just ended
+    return pids[0] if len(pids) == 1 else None
 
 
 def status_value(pid: int, key: str) -> int:
@@ -163,9 +179,12 @@ def measure(
             raise RuntimeError(f"{who}: no label arrived: {err.read().decode()[-1500:]}")
         first_label = first - started
         time.sleep(warmup)
+        others = [broker_pid(), sub.proc.pid]
+        before = [cpu_seconds(pid) if pid else math.nan for pid in others]
         cpu0, t0 = cpu_seconds(proc.pid), time.time()
         time.sleep(window)
         cpu1, t1 = cpu_seconds(proc.pid), time.time()
+        after = [cpu_seconds(pid) if pid else math.nan for pid in others]
         rss = status_value(proc.pid, "VmHWM") / 1024
         threads = status_value(proc.pid, "Threads")
         proc.send_signal(signal.SIGTERM)
@@ -176,6 +195,9 @@ def measure(
         received = sub.stop()
     run = summarise(who, received, t0, t1)
     run.cpu_percent = (cpu1 - cpu0) / (t1 - t0) * 100
+    run.broker_cpu_percent, run.subscriber_cpu_percent = (
+        (b - a) / (t1 - t0) * 100 for a, b in zip(before, after, strict=True)
+    )
     run.peak_rss_mb = rss
     run.first_label_s = first_label
     run.threads = threads
@@ -275,7 +297,9 @@ def compare(w: Workload, warmup: float, window: float, defaults: bool = False) -
 
 def fmt_run(r: Run) -> str:
     return (
-        f"{r.labels_per_s:.1f} labels/s, CPU {r.cpu_percent:.0f}%, p50 {r.p50_ms:.1f} ms, "
+        f"{r.labels_per_s:.1f} labels/s, CPU {r.cpu_percent:.0f}% (broker "
+        f"{r.broker_cpu_percent:.0f}%, subscriber {r.subscriber_cpu_percent:.0f}%), "
+        f"p50 {r.p50_ms:.1f} ms, "
         f"p99 {r.p99_ms:.1f} ms, first label {r.first_label_s:.2f} s, "
         f"peak RSS {r.peak_rss_mb:.0f} MB, {r.threads} threads"
     )

@@ -44,6 +44,26 @@ def slowest(stages: dict[str, float]) -> tuple[str, float]:
     return name, bounds[name]
 
 
+def _cores_table(report: dict[str, Any]) -> list[str]:
+    """Where the cores went in each throughput run: the program, the broker, the subscriber."""
+    rows = [
+        "Where the cores went (CPU over the window; 100% is one core):",
+        "",
+        "| workload | naive | its broker + subscriber | daemon | its broker + subscriber |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for group in ("1 inference-bound", "2 balanced", "3 many regions"):
+        for e in report["workloads"].get(group, []):
+            cells = []
+            for who in ("naive", "daemon"):
+                run = e[who]
+                broker = run.get("broker_cpu_percent", math.nan)
+                sub = run.get("subscriber_cpu_percent", math.nan)
+                cells += [f"{run['cpu_percent']:.0f}%", f"{broker:.0f}% + {sub:.0f}%"]
+            rows.append(f"| {group[0]}: {e['name']} | {' | '.join(cells)} |")
+    return [*rows, ""]
+
+
 def _of_slowest_verdict(of_slowest: float, ceiling_of_slowest: float) -> str:
     if of_slowest >= OF_SLOWEST:
         return "met"
@@ -82,6 +102,7 @@ def table(report: dict[str, Any]) -> str:
         "",
         *rows,
         "",
+        *_cores_table(report),
         f"The CPU ceiling is what {cores} cores allow if every stage ran in parallel with no "
         "cost of its own: the cores divided by the CPU seconds per label of decode, "
         "preprocess, the faster invoke and publish, each measured alone (all of its threads: "

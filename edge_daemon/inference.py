@@ -56,6 +56,11 @@ INLINE_BUDGET = 0.5
 #: Seconds the inference thread waits for crops (or for the role) before it looks around.
 IDLE_WAIT_S = 0.2
 
+#: Labels waiting for the broker beyond which no batch runs (more would only wait, or push
+#: older ones out), and how long the inference thread waits before it looks again.
+MAX_BACKLOG = 200
+BACKLOG_WAIT_S = 0.002
+
 
 @dataclass(frozen=True, slots=True)
 class _Last:
@@ -81,6 +86,7 @@ class InferenceStage:
         engine: Engine,
         emit: Callable[[Item, Prediction], None],
         reload: Callable[[], Engine],
+        backlog: Callable[[], int] = lambda: 0,
     ) -> None:
         self.settings = settings
         self.device = device
@@ -88,6 +94,8 @@ class InferenceStage:
         self.engine = engine
         self._emit = emit
         self._reload = reload
+        #: Labels made but not yet taken by the broker (see :data:`MAX_BACKLOG`).
+        self._backlog = backlog
         #: The score threshold; the control topic may change it at run time.
         self.threshold = settings.threshold
         self.stats = InferenceStats()
@@ -158,7 +166,7 @@ class InferenceStage:
                 self._swap_engine()
                 self.run_batch(items)
                 self.last_progress = time.monotonic()
-                if self.last_progress >= deadline:
+                if self.last_progress >= deadline or self._backlog() > MAX_BACKLOG:
                     break
         except BaseException as exc:  # handed to the inference thread, not lost
             self._crash = f"{type(exc).__name__}: {exc} (on camera {camera.name}'s thread)"
@@ -170,11 +178,13 @@ class InferenceStage:
 
     def _inline(self, camera: Camera) -> bool:
         """Whether ``camera``'s thread may run batches: a live (or paced) source, no waiting
-        for fuller batches, and batches short next to its frame interval."""
+        for fuller batches, batches short next to its frame interval, and the broker keeping
+        up."""
         return (
             not camera.pulled
             and not self.batcher.max_delay_s
             and self._batch_s < INLINE_SHARE * camera.interval
+            and self._backlog() <= MAX_BACKLOG
             and not self._stop.is_set()
         )
 
@@ -223,6 +233,14 @@ class InferenceStage:
                 self.last_progress = time.monotonic()
                 while not self._stop.is_set():
                     self._swap_engine()
+                    if self._backlog() > MAX_BACKLOG:
+                        # More labels than the broker takes: the next frames are classified
+                        # once it caught up (for a file, read then too), none made to be lost.
+                        # Waiting for the broker is no hang of ours: the watchdog is fed (a
+                        # connection that died is paho's keepalive to find).
+                        self._stop.wait(BACKLOG_WAIT_S)
+                        self.last_progress = time.monotonic()
+                        continue
                     items = self.batcher.next_batch(self._stop, idle_timeout=0.0)
                     if items:
                         self.run_batch(items)

@@ -80,6 +80,7 @@ class Daemon:
             engine=engine or load_engine(settings),
             emit=self._publish_prediction,
             reload=lambda: load_engine(settings),
+            backlog=self.publisher.backlog,
         )
         self.reloader = Reloader(
             settings,

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 #: QoS 1/2 messages handed to paho and not yet acknowledged, at most.
 INFLIGHT_WINDOW = 100
 
+#: Queued messages a caller of ``publish`` sends itself at most, when the window has room.
+DRAIN_AT_MOST = 32
+
 
 @dataclass(frozen=True, slots=True)
 class Message:
@@ -250,6 +253,12 @@ class Publisher:
         """Messages waiting in the queue."""
         return len(self._queue) + len(self._priority)
 
+    def backlog(self) -> int:
+        """Labels waiting for room in the window while the broker is connected: more than the
+        broker takes are being made. 0 while it is away (then they wait for it, and the
+        oldest make room for the newest)."""
+        return len(self._queue) if self._connected else 0
+
     # --- publishing ------------------------------------------------------------------------
 
     def publish(
@@ -291,6 +300,8 @@ class Publisher:
                 self.dropped += 1
             lane.append(message)
             self._cond.notify_all()
+        if not keep:
+            self._drain(DRAIN_AT_MOST)
 
     def publish_retained(self, topic: str, payload: bytes) -> None:
         """Queue a retained QoS 1 state message, sent before labels and re-sent after every
@@ -422,15 +433,37 @@ class Publisher:
                 if self._stop.is_set():
                     return
             with self._send_lock:
-                with self._cond:
-                    if not self._can_send():
-                        continue
-                    lane = self._priority if self._priority else self._queue
-                    message = lane.popleft()
-                if not self._hand_over(message):
-                    with self._cond:
-                        lane.appendleft(message)
-                        self._cond.wait(0.05)
+                self._send_one()
+
+    def _send_one(self, pause: float = 0.05) -> bool:
+        """Hand the first queued message to paho, if it can go (under ``_send_lock``);
+        False when nothing went. One paho would not take is put back, and the caller waits
+        ``pause`` (the connection just broke: on_disconnect is on its way)."""
+        with self._cond:
+            if not self._can_send():
+                return False
+            lane = self._priority if self._priority else self._queue
+            message = lane.popleft()
+        if not self._hand_over(message):
+            with self._cond:
+                lane.appendleft(message)
+                if pause:
+                    self._cond.wait(pause)
+            return False
+        return True
+
+    def _drain(self, most: int) -> None:
+        """A caller that queued a label sends what the window has room for, itself, unless
+        the sender is at it: a queue that filled once (a burst) would otherwise keep every
+        later label on the slower way through the sender thread for as long as labels come."""
+        if not self._send_lock.acquire(blocking=False):
+            return
+        try:
+            for _ in range(most):
+                if not self._send_one(pause=0.0):
+                    return
+        finally:
+            self._send_lock.release()
 
     def _hand_over(self, message: Message) -> bool:
         """Give ``message`` to paho (the caller holds ``_send_lock``, which keeps each topic in

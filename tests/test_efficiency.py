@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_daemon import batching, capture
+from edge_daemon import batching, capture, inference
 from edge_daemon.batcher import Batcher, Item
 from edge_daemon.batching import BatchChoice
 from edge_daemon.capture import Camera, Frame
@@ -473,3 +473,64 @@ def test_live_frames_are_classified_on_their_camera_thread_and_pulled_ones_are_n
         assert len(threads) >= 10
         on_camera = sum(t.startswith(where) for t in threads)
         assert on_camera >= 0.8 * len(threads), (realtime, threads)
+
+
+# --- more labels than the broker takes ---------------------------------------------------------
+
+
+def test_labels_queued_in_a_burst_are_sent_by_later_callers_without_the_sender() -> None:
+    prefix = unique_prefix()
+    settings = settings_for(prefix, mqtt={"queue_size": 5000})
+    with subscriber(prefix) as sub:
+        publisher = Daemon(settings).publisher
+        publisher._send_loop = publisher._stop.wait  # type: ignore[assignment,method-assign]
+        publisher.start()
+        try:
+            # (``online`` waits in the queue too: the first caller sends it, before its label.)
+            assert wait_until(lambda: publisher.connected)
+            topic = publisher.topic("cam", "frame", "label")
+            for n in range(600):  # six windows at once: most of it is queued
+                publisher.publish(topic, b'{"n":%d}' % n)
+            assert publisher.queued > 0
+            for n in range(600, 1000):  # paced: each caller sends what the window has room for
+                time.sleep(0.002)
+                publisher.publish(topic, b'{"n":%d}' % n)
+            arrived = sub.wait_for(lambda: len(sub.on("cam", "frame", "label")) >= 1000)
+            assert arrived, f"{len(sub.on('cam', 'frame', 'label'))} arrived"
+        finally:
+            publisher.stop(1.0)
+    numbers = [int(m.payload[5:-1]) for m in sub.on("cam", "frame", "label")]
+    assert numbers == list(range(1000))  # in order, none lost
+    assert publisher.dropped == 0
+
+
+def test_no_batch_runs_while_the_broker_is_behind(digits_engine: Engine) -> None:
+    cams = [Camera("c0", CameraSettings(source="/dev/video0"))]
+    cams[0]._interval = 1.0
+    backlog = {"labels": inference.MAX_BACKLOG + 1}
+    emitted: list[int] = []
+    settings = load_settings()
+    stage = InferenceStage(
+        settings.inference,
+        "dev",
+        Batcher(cams, max_batch=8, max_delay_s=0.0),
+        engine=digits_engine,
+        emit=lambda item, prediction: emitted.append(prediction.frame),
+        reload=lambda: digits_engine,
+        backlog=lambda: backlog["labels"],
+    )
+    assert not stage._inline(cams[0])  # the camera's thread leaves it to the inference thread
+    stage.start()
+    try:
+        offered(cams[0], 0)
+        stage.frame_ready(cams[0])
+        time.sleep(0.3)
+        assert emitted == []  # the frame waits, and a newer one would replace it
+        offered(cams[0], 1)
+        stage.frame_ready(cams[0])
+        backlog["labels"] = 0
+        assert wait_until(lambda: emitted == [1], timeout=5)
+        assert stage._inline(cams[0])
+    finally:
+        stage.request_stop()
+        stage.thread.join(5)

@@ -64,4 +64,5 @@ def test_the_tiny_bench_runs_every_workload_and_reports(tmp_path: Path) -> None:
     assert chart.std() > 10  # drawn, not blank
     for heading in ("## Throughput", "## Live", "## Scaling", "## Still scene", "## Costs"):
         assert heading in proc.stdout
-    assert proc.stdout.count("| 3: digits 16 regions") == 2
+    assert proc.stdout.count("| 3: digits 16 regions") == 4  # ratios, and where the cores went
+    assert "Where the cores went" in proc.stdout
