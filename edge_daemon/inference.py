@@ -41,6 +41,11 @@ from edge_daemon.stats import InferenceStats
 log = logging.getLogger(__name__)
 
 
+class CameraThreadError(RuntimeError):
+    """A round run on a camera's thread failed outside the model: it ends the inference
+    thread, which the supervisor sees."""
+
+
 class ReloadError(EdgeDaemonError):
     """The model failed at run time and could not be loaded again (exit 1: systemd restarts)."""
 
@@ -169,7 +174,7 @@ class InferenceStage:
                 if self.last_progress >= deadline or self._backlog() > MAX_BACKLOG:
                     break
         except BaseException as exc:  # handed to the inference thread, not lost
-            self._crash = f"{type(exc).__name__}: {exc} (on camera {camera.name}'s thread)"
+            self._crash = f"{type(exc).__name__}: {exc}, on camera {camera.name}'s thread"
             log.critical("running a batch on camera %s's thread failed", camera.name, exc_info=True)
             self._stop.set()
         # Out of time (or stopping): the inference thread runs the rest.
@@ -219,7 +224,7 @@ class InferenceStage:
     def _loop(self) -> None:
         self._serve()
         if self._crash is not None:  # the supervisor sees this thread die of it
-            raise RuntimeError(self._crash)
+            raise CameraThreadError(self._crash)
 
     def _serve(self) -> None:
         while not self._stop.is_set():

@@ -60,8 +60,8 @@ def test_mqtt_sender_death_stops_the_daemon(caplog: pytest.LogCaptureFixture) ->
     real = daemon.publisher._can_send
 
     def broken(direct: bool = False) -> bool:
-        if direct:  # a label handed over by the inference thread itself
-            return real(direct)
+        if threading.current_thread().name != "mqtt-sender":
+            return real(direct)  # labels handed over (or queued ones sent) by their caller
         raise RuntimeError("injected")
 
     daemon.publisher._can_send = broken  # type: ignore[method-assign]
