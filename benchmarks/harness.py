@@ -505,7 +505,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         action="append",
-        metavar="PART",
+        choices=("1", "2", "3", "4", "5", "still", "costs"),
         help="run only this part (a workload's number, 'still' or 'costs'; repeatable): "
         "its lines are printed, nothing is written",
     )

@@ -66,3 +66,16 @@ def test_the_tiny_bench_runs_every_workload_and_reports(tmp_path: Path) -> None:
         assert heading in proc.stdout
     assert proc.stdout.count("| 3: digits 16 regions") == 4  # ratios, and where the cores went
     assert "Where the cores went" in proc.stdout
+
+
+def test_a_part_that_does_not_exist_is_refused_in_one_line() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.harness", "--only", "9"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "--only: invalid choice: '9'" in proc.stderr
+    assert "building" not in proc.stdout  # refused before any work
