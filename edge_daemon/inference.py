@@ -145,7 +145,8 @@ class InferenceStage:
 
     def offer_engine(self, engine: Engine) -> None:
         """A new model, loaded and checked: it replaces the running one between two batches."""
-        self._next_engine = engine
+        with self._role:  # not between another swap's read and clear: it would be lost
+            self._next_engine = engine
         self.batcher.notify()
 
     def set_threshold(self, value: float) -> None:
@@ -215,7 +216,10 @@ class InferenceStage:
 
     def _swap_engine(self) -> None:
         """Put in the model a reload handed over (by whoever holds the role)."""
-        engine, self._next_engine = self._next_engine, None
+        if self._next_engine is None:  # the usual case, without the lock
+            return
+        with self._role:
+            engine, self._next_engine = self._next_engine, None
         if engine is not None:
             self.engine = engine  # the old one's interpreters go with the last reference
             self._failures = 0
