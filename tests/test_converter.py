@@ -1000,11 +1000,26 @@ def test_mobilenetv2_transfer_trains_converts_and_runs_in_the_daemon(
     engine = Engine.from_path(out / "door.tflite")
     rng = np.random.default_rng(99)  # views the model never saw
     truth = [state for state in STATES for _ in range(10)]
-    scores = engine.classify([door(state, rng) for state in truth])
+    views_new = [door(state, rng) for state in truth]
+    scores = engine.classify(views_new)
     predicted = [engine.labels[int(i)] for i in np.argmax(scores, axis=1)]
     right = sum(p == t for p, t in zip(predicted, truth, strict=True)) / len(truth)
-    print(f"MobileNetV2 0.35 transfer: {right * 100:.0f}% right on 30 new views")
-    # The stand-in base is weak (ImageNet's would do far better); what matters here is that
-    # labels, colour order and [-1, 1] scaling hold from training to the daemon: any of
-    # them wrong gives chance, a third.
-    assert right >= 0.6
+    # The trained Keras model on the same views, shaped as training shaped them (OpenCV's
+    # RGB, [-1, 1]; not the daemon's code), named in the training's own label order.
+    trained = keras.models.load_model(out / "door.keras")
+    size = (manifest["input"]["width"], manifest["input"]["height"])
+    x = np.stack([cv2.cvtColor(cv2.resize(v, size), cv2.COLOR_BGR2RGB) for v in views_new])
+    keras_names = [
+        record["labels"][int(i)]
+        for i in np.argmax(trained.predict(x / 127.5 - 1.0, verbose=0), axis=1)
+    ]
+    agree = sum(a == b for a, b in zip(predicted, keras_names, strict=True)) / len(truth)
+    print(f"MobileNetV2 0.35 transfer: {right:.0%} right on 30 new views, {agree:.0%} as Keras")
+    # The stand-in base is weak (ImageNet's would do far better), and how well it learns
+    # depends on the CPU: 60% on one machine, 53% on another. What matters here is that labels,
+    # colour order and [-1, 1] scaling hold from training to the daemon: the daemon's int8
+    # model names what the trained model names, and a model that tells the states apart at
+    # all does better than chance (a third).
+    assert agree >= 0.85
+    assert len(set(keras_names)) >= 2
+    assert right > 0.4
