@@ -442,6 +442,27 @@ def publish_cost(seconds: float, rounds: int = 5) -> dict[str, float]:
     }
 
 
+#: What each program must import before its first label, timed in a fresh interpreter.
+STARTUP_IMPORTS = {
+    "python": "pass",
+    "naive_imports": "import benchmarks.naive as n; n.interpreter_class()",
+    "settings_library": "import pydantic_settings",
+}
+
+
+def startup_costs(rounds: int = 5) -> dict[str, float]:
+    """Seconds from spawn to exit of a fresh interpreter that imports each of
+    :data:`STARTUP_IMPORTS`, the median of ``rounds`` alternating rounds. ``settings_library``
+    less ``python`` is what pydantic-settings alone adds to any program's start here."""
+    times: dict[str, list[float]] = {name: [] for name in STARTUP_IMPORTS}
+    for _ in range(rounds):
+        for name, code in STARTUP_IMPORTS.items():
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True, cwd=assets.ROOT)
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 # --- the workloads -----------------------------------------------------------------------------
 
 
@@ -546,6 +567,8 @@ def main() -> None:
         costs = publish_cost(stage_s)
         report["per_label_us"] = {k: v * 1e6 for k, v in costs.items()}
         print(f"  per label: {report['per_label_us']}", flush=True)
+        report["startup_s"] = startup_costs(3 if tiny else 7)
+        print(f"  start-up: {report['startup_s']}", flush=True)
     if only:
         return  # a part of the run: the table compares a whole run's figures only
     report["seconds"] = round(time.time() - started, 1)

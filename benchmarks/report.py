@@ -64,12 +64,13 @@ def _cores_table(report: dict[str, Any]) -> list[str]:
     return [*rows, ""]
 
 
-def _of_slowest_verdict(of_slowest: float, ceiling_of_slowest: float) -> str:
-    if of_slowest >= OF_SLOWEST:
+def _bounded_verdict(ratio: float, target: float, ceiling_ratio: float) -> str:
+    """Met; out of reach when not even the CPU ceiling (the daemon's stages spread perfectly
+    over the cores) gives ``target``, as the same ratio; or missed."""
+    if ratio >= target:
         return "met"
-    if ceiling_of_slowest < OF_SLOWEST:
-        # Not even a perfect program reaches it: the stages' summed CPU is the bound.
-        return f"out of reach (ceiling {ceiling_of_slowest:.2f})"
+    if ceiling_ratio < target:
+        return f"out of reach (ceiling {ceiling_ratio:.2f})"
     return "MISSED"
 
 
@@ -90,10 +91,11 @@ def table(report: dict[str, Any]) -> str:
             target = ONE_CAMERA if e["cameras"] == 1 else FOUR_CAMERAS
             of_slowest = daemon / bound
             top = ceiling(e["stages"], cores)
-            slow_verdict = _of_slowest_verdict(of_slowest, top / bound)
+            slow_verdict = _bounded_verdict(of_slowest, OF_SLOWEST, top / bound)
             add(
                 f"| {group[0]}: {e['name']} | {stage} {bound:.0f}/s | {naive:.0f}/s | "
-                f"{daemon:.0f}/s | **{ratio:.2f}** | >= {target} {verdict(ratio >= target)} | "
+                f"{daemon:.0f}/s | **{ratio:.2f}** | >= {target} "
+                f"{_bounded_verdict(ratio, target, top / naive if naive else math.nan)} | "
                 f"**{of_slowest:.2f}** | >= {OF_SLOWEST} {slow_verdict} | {top:.0f}/s | "
                 f"**{daemon / top:.2f}** |"
             )
@@ -171,14 +173,53 @@ def table(report: dict[str, Any]) -> str:
         f"{cost['daemon']:.0f} µs | {ratio:.2f} | within 15% of JSON + paho: "
         f"{verdict(ratio <= 1.15)} |",
         f"| first label after start, worst workload | | | {worst_first:.2f} | <= {FIRST_LABEL}: "
-        f"{verdict(worst_first <= FIRST_LABEL)} |",
+        f"{_first_label_verdict(firsts, report.get('startup_s'))} |",
         f"| peak RSS, 4 cameras on the digits model | | {worst_peak:.0f} MB | | <= {RSS_MB:g} MB: "
         f"{verdict(worst_peak <= RSS_MB)} |",
         "",
         "First label (s) per workload, naive / daemon: "
         + "; ".join(f"{name} {n:.2f} / {d:.2f}" for name, n, d in firsts),
     ]
+    startup = report.get("startup_s")
+    if startup:
+        settings = _settings_import(startup)
+        lines += [
+            "",
+            "Start-up in a fresh interpreter (median): Python alone "
+            f"{startup['python'] * 1e3:.0f} ms; with the naive loop's imports "
+            f"{startup['naive_imports'] * 1e3:.0f} ms; with pydantic-settings, the daemon's "
+            f"settings library, {startup['settings_library'] * 1e3:.0f} ms. That import alone "
+            f"adds {settings * 1e3:.0f} ms to the daemon's start: at best "
+            + "; ".join(f"{name} {(n + settings) / n:.2f}" for name, n, _ in firsts)
+            + " times the naive loop's first label.",
+        ]
     return "\n".join(lines)
+
+
+def _settings_import(startup: dict[str, float]) -> float:
+    """Seconds pydantic-settings' import adds to a fresh interpreter's start."""
+    return max(startup["settings_library"] - startup["python"], 0.0)
+
+
+def _first_label_verdict(
+    firsts: list[tuple[str, float, float]], startup: dict[str, float] | None
+) -> str:
+    """Met; or out of reach where even a daemon whose only extra work was importing its
+    settings library would start more than :data:`FIRST_LABEL` times later than the naive
+    loop; or missed."""
+    late = [(name, n) for name, n, d in firsts if d / n > FIRST_LABEL]
+    if not late:
+        return "met"
+    if startup is None:
+        return "MISSED"
+    settings = _settings_import(startup)
+    floors = [(n + settings) / n for _, n in late]
+    if min(floors) > FIRST_LABEL:
+        return (
+            f"out of reach (importing pydantic-settings alone takes {settings * 1e3:.0f} ms: "
+            f"at best {min(floors):.2f})"
+        )
+    return "MISSED"
 
 
 def _growth(run: dict[str, Any]) -> float:

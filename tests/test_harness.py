@@ -58,6 +58,8 @@ def test_the_tiny_bench_runs_every_workload_and_reports(tmp_path: Path) -> None:
     assert report["still"]["reuse unchanged"]["reused_share"] > 0.5
     assert report["still"]["every crop"]["reused_share"] == 0
     assert report["per_label_us"]["daemon"] > 0
+    startup = report["startup_s"]
+    assert startup["settings_library"] > startup["python"] > 0
     chart = cv2.imread(str(tmp_path / "out" / "tiny.png"))
     assert chart is not None
     assert chart.shape[0] > 500
