@@ -43,10 +43,10 @@ _BEAT_EPOCH = time.monotonic()
 
 
 def on_the_beat(pace: float) -> float:
-    """When a file played at one frame every ``pace`` seconds shows its first frame: now, or
-    the next tick of a clock shared by all such files. Recordings played side by side stay in
-    step, so their frames arrive together and are classified together (one wake-up of the
-    threads for all of them, not one each)."""
+    """When a file played at one frame every ``pace`` seconds shows its second frame (the
+    first is shown at once): the next tick, from now, of a clock shared by all such files.
+    Recordings played side by side stay in step, so their frames arrive together and are
+    classified together (one wake-up of the threads for all of them, not one each)."""
     now = time.monotonic()
     if pace <= 0:
         return now
@@ -264,14 +264,15 @@ class Camera:
         failures = 0
         last_good = time.monotonic()
         last_kept = -1e9
-        next_due = on_the_beat(pace)
+        next_due = 0.0
         while not self._stop.is_set():
             if pull and self.paused:  # one frame a second (or the FPS cap's slower pace)
                 self._stop.wait(max(0.0, max(min_gap, 1.0) - (time.monotonic() - last_kept)))
             elif pull and not self._wait_until_taken():
                 break
             if pace:
-                next_due = self._pace(next_due, pace)
+                # The first frame at once, as a camera's first is; the rest on the beat.
+                next_due = self._pace(next_due, pace) if counter else on_the_beat(pace)
             ok = capture.grab()
             now = time.monotonic()
             image = None

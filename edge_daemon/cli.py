@@ -146,14 +146,19 @@ def _setup_logging(level: str, debug: bool) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from edge_daemon.runtime import dismiss_checker, start_checker  # noqa: PLC0415
+
     # First of all: a stop asked for while the model loads must be a clean stop too.
     stop = threading.Event()
     # SIGHUP before the daemon runs is kept, and taken once it does.
     reload = threading.Event()
     stop_watching_signals = stop_on_signals(stop, reload)
+    # The model's check starts its interpreter now, beside the imports of the settings.
+    start_checker()
     try:
         return _run_until_stopped(args, stop, reload)
     finally:
+        dismiss_checker()
         stop_watching_signals()
 
 
@@ -161,13 +166,15 @@ def _run_until_stopped(
     args: argparse.Namespace, stop: threading.Event, reload: threading.Event
 ) -> int:
     from edge_daemon.config import load_settings  # noqa: PLC0415 - a fast --help
-    from edge_daemon.runtime import probe_in_background  # noqa: PLC0415
+    from edge_daemon.runtime import dismiss_checker, probe_in_background  # noqa: PLC0415
 
     settings = load_settings(args.env_file)
     _setup_logging(settings.log_level, args.debug)
     if settings.model.delegate == "cpu":
         # The model's check in a child process overlaps the imports below.
         probe_in_background(settings.model.path, settings.model.runtime)
+    else:
+        dismiss_checker()  # a delegate's model is not checked in a child
 
     from edge_daemon.engine import model_summary  # noqa: PLC0415
     from edge_daemon.pipeline import Daemon  # noqa: PLC0415

@@ -77,9 +77,7 @@ def check_mqtt_string(text: str) -> str:
 class Group(BaseModel):
     """A group of settings: frozen, no unknown keys, finite numbers, usable text and paths."""
 
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False
-    )
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     #: Whether a path setting must name an existing file now, or is checked when used.
     paths_must_exist: ClassVar[bool] = True
 

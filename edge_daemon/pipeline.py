@@ -28,7 +28,7 @@ from edge_daemon.publisher import Publisher
 from edge_daemon.reload import Reloader
 from edge_daemon.scene import StateStage
 from edge_daemon.settings import Settings, sample_camera
-from edge_daemon.sources import Opener, open_source, redact, require_backends
+from edge_daemon.sources import OpenAhead, Opener, open_source, redact, require_backends
 from edge_daemon.stats import InferenceStats, stats_payload, status_line
 from edge_daemon.systemd import Notifier
 
@@ -54,6 +54,13 @@ class Daemon:
         cameras = settings.cameras or sample_camera()
         if opener is open_source:
             require_backends(cameras)
+        # The sources open while the model loads; the cameras take them when they start.
+        self._ahead = OpenAhead(opener, cameras)
+        try:
+            engine = engine or load_engine(settings)
+        except BaseException:
+            self._ahead.close()
+            raise
         self.using_sample = not settings.cameras
         inbox = (
             control.Inbox(settings.control.max_payload_bytes) if settings.control.enabled else None
@@ -63,7 +70,7 @@ class Daemon:
             Camera(
                 name,
                 cam,
-                opener=opener,
+                opener=self._ahead,
                 on_status=self._camera_status,
                 on_frame=functools.partial(self._frame_ready, name),
             )
@@ -77,7 +84,7 @@ class Daemon:
             settings.inference,
             settings.device_id,
             self.batcher,
-            engine=engine or load_engine(settings),
+            engine=engine,
             emit=self._publish_prediction,
             reload=lambda: load_engine(settings),
             backlog=self.publisher.backlog,
@@ -190,6 +197,7 @@ class Daemon:
             self.inference.thread.join(max(0.1, deadline - time.monotonic()))
         for camera in self.cameras:
             camera.stop(timeout=max(0.0, deadline - time.monotonic()))
+        self._ahead.close()  # a camera stopped before its thread took its source
         self.states.flush()  # the last change's snapshot, even within its interval
         self.publisher.stop(flush_timeout)
         self.notifier.close()

@@ -164,37 +164,96 @@ def _probed_early(model_path: Path, runtime: Runtime, content: bytes) -> bool:
     return True
 
 
+#: The model check's child: it imports a runtime while it waits (the first of the light
+#: ones that imports), then reads the name of the runtime to load with and the model's bytes.
+_CHECK_CODE = f"""\
+import importlib, sys
+for name in {[_MODULES[n] for n in _AUTO_ORDER[:2]]!r}:
+    try:
+        importlib.import_module(name)
+        break
+    except ImportError:
+        pass
+name = sys.stdin.buffer.readline().decode().strip()
+if name:
+    module = importlib.import_module(name)
+    module.Interpreter(model_content=sys.stdin.buffer.read()).allocate_tensors()
+"""
+
+#: A model check's child started ahead of need (:func:`start_checker`), not yet used.
+_waiting: list[subprocess.Popen[bytes]] = []
+_waiting_lock = threading.Lock()
+
+
+def _spawn_checker() -> subprocess.Popen[bytes]:
+    # A session of its own: a stop signalled to the daemon's process group (systemd, Ctrl-C)
+    # must not kill it and so pass for a corrupt model.
+    return subprocess.Popen(
+        [sys.executable, "-c", _CHECK_CODE],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def start_checker() -> None:
+    """Start the model check's child now, before this process imports its settings and the
+    rest: its interpreter starts and imports a runtime on another core meanwhile, so the
+    check itself (:func:`probe_in_background`) is quick. :func:`dismiss_checker` ends it if
+    no check comes."""
+    try:
+        child = _spawn_checker()
+    except OSError:
+        return  # the check spawns its own later, and says so if it cannot
+    with _waiting_lock:
+        _waiting.append(child)
+
+
+def dismiss_checker() -> None:
+    """End a child from :func:`start_checker` that no check used; it exits on its own."""
+    with _waiting_lock:
+        children = list(_waiting)
+        _waiting.clear()
+    for child in children:
+        _hand_over(child, b"\n")  # no runtime named: it exits
+        threading.Thread(target=child.wait, name="model-check-exit", daemon=True).start()
+
+
+def _hand_over(child: subprocess.Popen[bytes], data: bytes) -> None:
+    try:
+        assert child.stdin is not None
+        child.stdin.write(data)
+        child.stdin.close()
+    except OSError:
+        pass  # it has gone: its exit status says how
+
+
 def _probe_load(model_path: Path, runtime: Runtime, content: bytes) -> None:
     """Load the model (the very bytes this process will load) once in a child process first.
 
     tflite-runtime 2.14 crashes on some truncated files instead of raising; a crash in the
-    child becomes a clear error here, not a segmentation fault of the daemon. The child has a
-    session of its own: a stop signalled to the daemon's process group (systemd, Ctrl-C) must
-    not kill it and so pass for a corrupt model.
+    child becomes a clear error here, not a segmentation fault of the daemon. The child is the
+    one :func:`start_checker` started, when there is one.
     """
-    code = (
-        "import sys\n"
-        f"from {_MODULES[runtime.name]} import Interpreter\n"
-        "Interpreter(model_content=sys.stdin.buffer.read()).allocate_tensors()\n"
-    )
+    with _waiting_lock:
+        child = _waiting.pop() if _waiting else None
     try:
-        proc = subprocess.run(
-            [sys.executable, "-c", code],
-            input=content,
-            capture_output=True,
-            check=False,
-            timeout=120,
-            start_new_session=True,
-        )
+        if child is None:
+            child = _spawn_checker()
+        child.communicate(_MODULES[runtime.name].encode() + b"\n" + content, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as exc:
+        if child is not None:
+            child.kill()
+            child.wait()
         log.warning(
             "could not check %s in a child process (%s); loading it directly", model_path, exc
         )
         return
-    if proc.returncode < 0:
+    if child.returncode < 0:
         raise ModelError(
             f"the {runtime.name} runtime crashed loading {model_path} "
-            f"(signal {-proc.returncode}): the file is truncated or corrupt; copy it again or "
+            f"(signal {-child.returncode}): the file is truncated or corrupt; copy it again or "
             "re-convert it with 'edge-convert quantize'"
         )
 

@@ -319,7 +319,6 @@ class Settings(BaseSettings):
         hide_input_in_errors=True,
         extra="forbid",
         frozen=True,
-        use_attribute_docstrings=True,
         allow_inf_nan=False,
     )
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -45,6 +47,58 @@ class VideoSource(Protocol):
 
 
 Opener = Callable[[CameraSettings], VideoSource]
+
+
+class OpenAhead:
+    """An opener that has already started: each camera's source opens on a thread of its own
+    at once, so a slow open (an RTSP handshake, a USB camera's set-up, FFmpeg probing a file)
+    runs while the daemon loads its model. A camera's first open takes what was opened for it
+    (or the error it met, raised as the opener would have); later opens call ``opener``.
+    :meth:`close` releases what no camera took, now or when its open ends.
+    """
+
+    def __init__(self, opener: Opener, cameras: dict[str, CameraSettings]) -> None:
+        self._opener = opener
+        self._lock = threading.Lock()
+        self._closed = False
+        #: By camera settings (their identity: two cameras may name the same source).
+        self._ahead: dict[int, Future[VideoSource]] = {}
+        for name, settings in cameras.items():
+            future: Future[VideoSource] = Future()
+            self._ahead[id(settings)] = future
+            threading.Thread(
+                target=self._open, args=(settings, future), name=f"open-{name}", daemon=True
+            ).start()
+
+    def _open(self, settings: CameraSettings, future: Future[VideoSource]) -> None:
+        try:
+            capture = self._opener(settings)
+        except BaseException as exc:  # noqa: BLE001 - handed to the camera's thread
+            future.set_exception(exc)
+            return
+        with self._lock:
+            keep = not self._closed
+            if keep:
+                future.set_result(capture)
+        if not keep:
+            capture.release()
+
+    def __call__(self, settings: CameraSettings) -> VideoSource:
+        with self._lock:
+            future = self._ahead.pop(id(settings), None)
+        if future is None:
+            return self._opener(settings)
+        return future.result()  # bounded as the open is: by its own timeouts
+
+    def close(self) -> None:
+        """Release every capture opened ahead that no camera took."""
+        with self._lock:
+            self._closed = True
+            untaken = list(self._ahead.values())
+            self._ahead.clear()
+        for future in untaken:
+            if future.done() and future.exception() is None:
+                future.result().release()
 
 
 def quiet_opencv(debug: bool) -> None:

@@ -12,12 +12,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_daemon import batching, capture, inference
+from edge_daemon import batching, capture, inference, pipeline, sources
 from edge_daemon.batcher import Batcher, Item
 from edge_daemon.batching import BatchChoice
 from edge_daemon.capture import Camera, Frame
 from edge_daemon.config import load_settings
 from edge_daemon.engine import Engine, load_engine
+from edge_daemon.errors import CaptureError
 from edge_daemon.inference import InferenceStage
 from edge_daemon.pipeline import Daemon
 from edge_daemon.prediction import Prediction
@@ -534,3 +535,99 @@ def test_no_batch_runs_while_the_broker_is_behind(digits_engine: Engine) -> None
     finally:
         stage.request_stop()
         stage.thread.join(5)
+
+
+# --- the first label soon after start ----------------------------------------------------------
+
+
+def test_sources_open_while_the_model_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    video = write_video(tmp_path / "clip.mp4", digit_frames(10, 64), fps=10)
+    cams = {"c0": CameraSettings(source=str(video), realtime=True, loop=False)}
+    opened = threading.Event()
+    events: list[str] = []
+
+    def opener(cam: CameraSettings) -> Any:
+        events.append(f"open on {threading.current_thread().name}")
+        capture = sources.open_source(cam)
+        opened.set()
+        real_release = capture.release
+
+        def release() -> None:
+            events.append("released")
+            real_release()
+
+        return Released(capture, release)
+
+    def load(settings: Any) -> Engine:
+        # Only an open that runs beside the load lets it finish.
+        assert opened.wait(10), "the source was not opened while the model loaded"
+        return load_engine(settings)
+
+    monkeypatch.setattr(pipeline, "load_engine", load)
+    daemon = Daemon(settings_for(unique_prefix(), cameras=cams), opener=opener)
+    assert events == ["open on open-c0"]
+    daemon.stop()  # never started: what was opened for the camera is released
+    assert events == ["open on open-c0", "released"]
+
+
+class Released:
+    """A capture whose ``release`` is watched."""
+
+    def __init__(self, capture: Any, release: Any) -> None:
+        self._capture = capture
+        self.release = release
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._capture, name)
+
+
+def test_a_camera_takes_its_source_or_error_from_the_open_ahead() -> None:
+    calls: list[str] = []
+    fail = CameraSettings(source="/dev/video7")
+    good = CameraSettings(source="/dev/video0")
+
+    class Device(FakeCapture):
+        pass
+
+    def opener(cam: CameraSettings) -> Any:
+        calls.append(cam.source)
+        if cam is fail:
+            raise CaptureError("cannot open device /dev/video7")
+        return Device()
+
+    ahead = sources.OpenAhead(opener, {"bad": fail, "good": good})
+    with pytest.raises(CaptureError, match="cannot open device"):
+        ahead(fail)
+    assert isinstance(ahead(good), Device)
+    assert sorted(calls) == ["/dev/video0", "/dev/video7"]  # once each, ahead
+    assert isinstance(ahead(good), Device)  # a reopen opens anew
+    assert sorted(calls) == ["/dev/video0", "/dev/video0", "/dev/video7"]
+    ahead.close()
+
+
+def test_a_paced_file_shows_its_first_frame_at_once_then_keeps_the_shared_beat(
+    tmp_path: Path,
+) -> None:
+    video = write_video(tmp_path / "slow.mp4", digit_frames(4, 64), fps=2)
+    seen: list[Frame] = []
+
+    def on_frame() -> None:
+        frame = cam.take()
+        if frame is not None:
+            seen.append(frame)
+
+    cam = Camera(
+        "slow", CameraSettings(source=str(video), realtime=True, loop=False), on_frame=on_frame
+    )
+    started = time.monotonic()
+    cam.start()
+    try:
+        assert wait_until(lambda: len(seen) >= 2, timeout=10)
+    finally:
+        cam.stop()
+    # Not held until the clock's next tick (up to half a second at 2 fps).
+    assert seen[0].monotonic - started < 0.25
+    ticks = (seen[1].monotonic - capture._BEAT_EPOCH) / 0.5
+    assert abs(ticks - round(ticks)) < 0.1  # the second on the shared clock's beat

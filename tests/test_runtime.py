@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edge_daemon import runtime as runtime_module
 from edge_daemon.engine import MAX_INTERPRETERS, Engine
 from edge_daemon.errors import DelegateError, ModelError
 from edge_daemon.manifest import ModelManifest, read_manifest
@@ -233,3 +234,37 @@ def test_a_manifest_that_says_dynamic_batch_for_a_fixed_model_is_refused(
     model.with_suffix(".json").write_text(json.dumps(manifest))
     with pytest.raises(ModelError, match="batch is dynamic"):
         Engine.from_path(model)
+
+
+def test_the_model_check_runs_in_the_child_started_ahead(zoo: Zoo) -> None:
+    path = zoo.model("int8")
+    runtime_module.start_checker()
+    assert len(runtime_module._waiting) == 1
+    child = runtime_module._waiting[0]
+    runtime_module._probe_load(path, load_runtime(), path.read_bytes())
+    assert not runtime_module._waiting  # taken, not spawned anew
+    assert child.returncode == 0  # it loaded the model and exited
+
+
+def test_a_crash_in_the_model_check_is_one_clear_error(
+    zoo: Zoo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Which real file crashes a runtime changes with its version: the child crashes as one
+    # would, after reading what it was given.
+    crash = "import os, sys\nsys.stdin.buffer.read()\nos.kill(os.getpid(), 11)\n"
+    monkeypatch.setattr(runtime_module, "_CHECK_CODE", crash)
+    path = zoo.model("int8")
+    for ahead in (True, False):
+        if ahead:
+            runtime_module.start_checker()
+        with pytest.raises(ModelError, match=r"runtime crashed loading .* \(signal 11\)"):
+            runtime_module._probe_load(path, load_runtime(), path.read_bytes())
+        assert not runtime_module._waiting
+
+
+def test_a_model_check_child_that_no_check_uses_is_ended() -> None:
+    runtime_module.start_checker()
+    child = runtime_module._waiting[0]
+    runtime_module.dismiss_checker()
+    assert not runtime_module._waiting
+    assert child.wait(timeout=60) == 0
