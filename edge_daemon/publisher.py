@@ -278,9 +278,10 @@ class Publisher:
         # Kept messages go at least once: a QoS 0 one put back after a broken connection
         # could land in front of the new connection's ``online``.
         message = Message(topic, payload, max(qos, 1) if keep else qos, retain)
-        if not keep:
+        if not keep and not self._queue and not self._priority:
             # The common case costs what paho's publish costs: with nothing queued and room in
             # the window, the caller hands the message to paho itself (no queue, no thread).
+            # (Read without the lock, the lanes only say whether to try: checked again below.)
             with self._send_lock:
                 with self._cond:
                     direct = not self._queue and not self._priority and self._can_send(True)
@@ -299,7 +300,11 @@ class Publisher:
                 lane.popleft()
                 self.dropped += 1
             lane.append(message)
-            self._cond.notify_all()
+            # The sender is woken only for what the caller leaves to it, and only when it can
+            # send: a kept message (its caller does not send), or more than the caller sends.
+            # A full window wakes it when an acknowledgement makes room (``_on_publish``).
+            if (keep or len(lane) > DRAIN_AT_MOST) and self._can_send():
+                self._cond.notify_all()
         if not keep:
             self._drain(DRAIN_AT_MOST)
 
@@ -456,7 +461,9 @@ class Publisher:
         """A caller that queued a label sends what the window has room for, itself, unless
         the sender is at it: a queue that filled once (a burst) would otherwise keep every
         later label on the slower way through the sender thread for as long as labels come."""
-        if not self._send_lock.acquire(blocking=False):
+        if len(self._pending) >= INFLIGHT_WINDOW or not self._send_lock.acquire(blocking=False):
+            # A full window (read without the lock: an acknowledgement that makes room wakes
+            # the sender for what waits), or the sender is at it.
             return
         try:
             for _ in range(most):
