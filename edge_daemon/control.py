@@ -273,6 +273,9 @@ class Controller:
         self._done_log = RateLimit(1.0, 5, clock)
         self._reject_reply = RateLimit(REJECT_REPLIES_PER_S, REJECT_REPLY_BURST, clock)
         self._trim = RateLimit(0.2, 1, clock)
+        #: Oversize messages came since memory was last handed back: hand it back once the
+        #: trim's rate allows (a burst's last messages too, not only its first).
+        self._trim_due = False
         self.ok = 0
         self.rejected = 0
         #: Valid commands rejected because their kind came faster than its limit.
@@ -291,8 +294,10 @@ class Controller:
                 self.inbox.max_bytes,
                 self.inbox.oversize,
             )
-            if self._trim.allow():
-                release_memory()
+            self._trim_due = True
+        if self._trim_due and self._trim.allow():
+            self._trim_due = False
+            release_memory()
 
     def handle(self, payload: bytes) -> None:
         """Carry out one control message, or reject it; reply on ``cmd/result``."""
