@@ -34,11 +34,10 @@ from edge_daemon.manifest import (
 )
 from edge_daemon.preprocess import (
     Image,
+    fit,
+    fit_stack,
     lookup_into,
     pixel_table,
-    resize,
-    to_colour,
-    whole_multiple,
 )
 from edge_daemon.runtime import (
     RuntimeName,
@@ -351,13 +350,11 @@ class Engine:
         """A crop resized and colour-converted for the model: still 8-bit pixels, small (the
         daemon compares these to see whether a region changed)."""
         spec = self.input_spec
-        return to_colour(resize(image, spec.width, spec.height), spec.colour)
+        return fit(image, spec.width, spec.height, spec.colour)
 
     def shape_many(self, images: Sequence[Image]) -> list[Image]:
-        """:meth:`shape` of each image; crops of one size that shrink straight by area
-        averaging are stacked and resized in one call. Area averaging maps each crop's rows onto
-        exactly its own output rows (the crop boundaries fall on output boundaries), so no pixel
-        mixes two crops: a few OpenCV calls per frame instead of a few per crop."""
+        """:meth:`shape` of each image; crops of one size that shrink go through OpenCV
+        together (:func:`~edge_daemon.preprocess.fit_stack`), the same pixels as one by one."""
         spec = self.input_spec
         out: list[Image | None] = [None] * len(images)
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -365,19 +362,12 @@ class Engine:
             groups.setdefault(image.shape, []).append(i)
         for size, members in groups.items():
             shrinking = size[0] >= spec.height and size[1] >= spec.width
-            # A bilinear first step (see ``resize``) would blend rows across crops.
-            exact = whole_multiple(size[1], size[0], spec.width, spec.height) is None
-            if (
-                len(members) < 2
-                or not shrinking
-                or not exact
-                or size[:2] == (spec.height, spec.width)
-            ):
+            if len(members) < 2 or not shrinking or size[:2] == (spec.height, spec.width):
                 for i in members:
                     out[i] = self.shape(images[i])
                 continue
-            stacked = np.concatenate([images[i] for i in members], axis=0)
-            tall = to_colour(resize(stacked, spec.width, spec.height * len(members)), spec.colour)
+            crops = [images[i] for i in members]
+            tall = fit_stack(crops, spec.width, spec.height, spec.colour)
             for n, i in enumerate(members):
                 out[i] = tall[n * spec.height : (n + 1) * spec.height]
         return [image for image in out if image is not None]

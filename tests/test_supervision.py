@@ -86,7 +86,7 @@ def test_a_failing_preprocess_drops_the_batch_not_the_thread(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     prefix = unique_prefix()
-    real = preprocess.resize
+    real = preprocess.fit
     calls = {"n": 0}
 
     def fails_sometimes(image: np.ndarray, *args: Any) -> np.ndarray:
@@ -95,7 +95,7 @@ def test_a_failing_preprocess_drops_the_batch_not_the_thread(
             raise ValueError("injected: a crop the resize cannot take")
         return real(image, *args)
 
-    monkeypatch.setattr(engine_module, "resize", fails_sometimes)
+    monkeypatch.setattr(engine_module, "fit", fails_sometimes)
     with subscriber(prefix) as sub:
         daemon = Daemon(settings_for(prefix))
         with running(daemon):

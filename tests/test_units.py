@@ -7,6 +7,7 @@ import random
 import threading
 import time
 
+import cv2
 import jsonschema
 import numpy as np
 import pytest
@@ -27,7 +28,17 @@ from edge_daemon.postprocess import (
     top_k_rows,
 )
 from edge_daemon.prediction import EncodeError, Prediction, encode
-from edge_daemon.preprocess import lookup_into, pixel_table, preprocess_into
+from edge_daemon.preprocess import (
+    Image,
+    as_image,
+    fit,
+    fit_stack,
+    lookup_into,
+    pixel_table,
+    preprocess_into,
+    resize,
+    to_colour,
+)
 from edge_daemon.settings import CameraSettings, Roi
 from tests.helpers import PREDICTION
 
@@ -155,6 +166,53 @@ def test_the_pixel_lookup_gives_numpys_values_in_place_for_every_input_type() ->
     image = rng.integers(0, 256, (28, 28, 1), dtype=np.uint8)
     lookup_into(tables[0], image, wide[:, :, :1])
     assert np.array_equal(wide[:, :, :1], np.take(tables[0], image))
+
+
+def camera_like(rng: np.random.Generator, height: int, width: int) -> Image:
+    """A smooth colour image with sensor noise (uniform noise would make every resize agree
+    only on average)."""
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 2.0, y * 3.0, (x + y) * 1.5], axis=2) % 256
+    return as_image(np.clip(base + rng.normal(0, 4, base.shape), 0, 255).astype(np.uint8))
+
+
+def test_a_colour_crop_for_a_gray_model_turns_gray_before_it_shrinks() -> None:
+    rng = np.random.default_rng(1)
+    image = camera_like(rng, 96, 96)
+    shrunk = fit(image, 28, 28, "gray")
+    # The old order (shrink three channels, then gray): the same image to within rounding.
+    old = to_colour(resize(image, 28, 28), "gray")
+    assert shrunk.shape == old.shape == (28, 28, 1)
+    difference = np.abs(shrunk.astype(int) - old.astype(int))
+    assert difference.max() <= 1
+    # Gray first, not merely close: this is the gray image shrunk.
+    gray = as_image(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))
+    assert np.array_equal(shrunk[:, :, 0], resize(gray, 28, 28))
+    # A crop that grows is converted after (fewer pixels to convert); colour models unchanged.
+    small = camera_like(rng, 10, 12)
+    assert np.array_equal(fit(small, 28, 28, "gray"), to_colour(resize(small, 28, 28), "gray"))
+    assert np.array_equal(fit(image, 28, 28, "rgb"), to_colour(resize(image, 28, 28), "rgb"))
+
+
+@pytest.mark.parametrize("colour", ["gray", "rgb", "bgr"])
+@pytest.mark.parametrize(
+    ("size", "channels"),
+    [
+        ((60, 80), 3),  # a bilinear step to 56x56, then averaged by 2: the step taken alone
+        ((84, 56), 3),  # a whole multiple: straight to averaging
+        ((97, 41), 3),  # under twice as wide: OpenCV's general averaging
+        ((60, 80), 1),  # gray crops
+    ],
+)
+def test_crops_fitted_together_are_the_crops_fitted_one_by_one(
+    colour: str, size: tuple[int, int], channels: int
+) -> None:
+    rng = np.random.default_rng(2)
+    crops = [rng.integers(0, 256, (*size, channels), dtype=np.uint8) for _ in range(5)]
+    tall = fit_stack(crops, 28, 28, colour)
+    assert tall.shape == (5 * 28, 28, 1 if colour == "gray" else 3)
+    for n, crop in enumerate(crops):
+        assert np.array_equal(tall[n * 28 : (n + 1) * 28], fit(crop, 28, 28, colour)), n
 
 
 # --- postprocessing -----------------------------------------------------------------------------
