@@ -1004,22 +1004,45 @@ def test_mobilenetv2_transfer_trains_converts_and_runs_in_the_daemon(
     scores = engine.classify(views_new)
     predicted = [engine.labels[int(i)] for i in np.argmax(scores, axis=1)]
     right = sum(p == t for p, t in zip(predicted, truth, strict=True)) / len(truth)
-    # The trained Keras model on the same views, shaped as training shaped them (OpenCV's
-    # RGB, [-1, 1]; not the daemon's code), named in the training's own label order.
+    # The daemon's input is this test's own shaping of the views (OpenCV's RGB, [-1, 1], the
+    # input's own quantisation), to within rounding: colour order and scaling hold.
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edge_daemon.preprocess import preprocess_batch
+
+    assert (manifest["input"]["width"], manifest["input"]["height"]) == (96, 96)  # no resize
+    rgb = np.stack([cv2.cvtColor(v, cv2.COLOR_BGR2RGB) for v in views_new]) / 127.5 - 1.0
+    interpreter = Interpreter(model_path=str(out / "door.tflite"))
+    interpreter.allocate_tensors()
+    into, outof = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    (in_scale, in_zero), (out_scale, out_zero) = into["quantization"], outof["quantization"]
+    limits = np.iinfo(into["dtype"])
+    own = np.clip(np.round(rgb / in_scale + in_zero), limits.min, limits.max)
+    daemon_input = preprocess_batch(views_new, engine.input_spec)
+    assert daemon_input.dtype == into["dtype"]
+    assert np.abs(daemon_input.astype(int) - own.astype(int)).max() <= 1
+    # The daemon's scores are the model's own output on that input, dequantised, in the
+    # training's label order.
+    by_hand = []
+    for one in daemon_input:
+        interpreter.set_tensor(into["index"], one[None])
+        interpreter.invoke()
+        raw = interpreter.get_tensor(outof["index"])[0].astype(np.float32)
+        by_hand.append((raw - out_zero) * out_scale)
+    assert np.array_equal(scores, np.array(by_hand, dtype=np.float32))
+    assert list(engine.labels) == record["labels"]
+    # The trained Keras model (float) on the same views names mostly what the daemon names.
+    # Only mostly: the stand-in base is weak and its answers are unstable (here, input noise
+    # of one level flipped 7 of 30, and so did XNNPACK against TFLite's reference kernels),
+    # so int8 flips a few (80% agreement on one machine, 93% on another). Labels in the wrong
+    # order would agree by chance, a third.
     trained = keras.models.load_model(out / "door.keras")
-    size = (manifest["input"]["width"], manifest["input"]["height"])
-    x = np.stack([cv2.cvtColor(cv2.resize(v, size), cv2.COLOR_BGR2RGB) for v in views_new])
-    keras_names = [
-        record["labels"][int(i)]
-        for i in np.argmax(trained.predict(x / 127.5 - 1.0, verbose=0), axis=1)
-    ]
+    float_scores = trained.predict(rgb, verbose=0)
+    keras_names = [record["labels"][int(i)] for i in np.argmax(float_scores, axis=1)]
     agree = sum(a == b for a, b in zip(predicted, keras_names, strict=True)) / len(truth)
     print(f"MobileNetV2 0.35 transfer: {right:.0%} right on 30 new views, {agree:.0%} as Keras")
-    # The stand-in base is weak (ImageNet's would do far better), and how well it learns
-    # depends on the CPU: 60% on one machine, 53% on another. What matters here is that labels,
-    # colour order and [-1, 1] scaling hold from training to the daemon: the daemon's int8
-    # model names what the trained model names, and a model that tells the states apart at
-    # all does better than chance (a third).
-    assert agree >= 0.85
+    assert agree >= 0.6
     assert len(set(keras_names)) >= 2
+    # A model that tells the states apart at all does better than chance (a third): 60% on
+    # one machine, 53% and 70% on others.
     assert right > 0.4
