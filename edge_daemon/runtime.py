@@ -8,6 +8,7 @@ last resort on a workstation. Imports happen when a model is loaded, never at im
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib
 import logging
@@ -105,6 +106,7 @@ def load_edgetpu_delegate(
     try:
         return runtime.load_delegate(lib, options)
     except (ValueError, OSError, RuntimeError) as exc:
+        _drop_half_made_delegate(exc)
         where = f" {device}" if device else ""
         detail = str(exc).strip() or "no detail"
         raise DelegateError(
@@ -115,6 +117,30 @@ def load_edgetpu_delegate(
             "that the model was compiled with 'edge-convert quantize --edgetpu'; or set "
             "EDGE_MODEL__FALLBACK_PATH to a CPU model"
         ) from exc
+
+
+def _drop_half_made_delegate(exc: BaseException) -> None:
+    """Free, now and quietly, the delegate object the runtime left half made.
+
+    When the library cannot be loaded, the runtime's ``Delegate.__init__`` fails before it sets
+    ``_library``, and its ``__del__`` then fails on that missing attribute. Python reports that
+    as "Exception ignored in ... Delegate.__del__" once the object is collected, which, with the
+    failure's traceback keeping it alive, was after the daemon's one-line error. The traceback
+    (what holds the object) is dropped here, with that one report silenced; any other goes to
+    the hook as before."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        where = getattr(unraisable.object, "__qualname__", "")
+        if not (isinstance(unraisable.exc_value, AttributeError) and where == "Delegate.__del__"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        exc.__traceback__ = None
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
 
 
 #: Checks started early (:func:`probe_in_background`), by model path: the future gives the

@@ -5,11 +5,13 @@ These run in both environments (ai-edge-litert with NumPy 2; tflite-runtime 2.14
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -183,6 +185,29 @@ def test_edgetpu_delegate_failure_says_what_to_check(tmp_path: Path) -> None:
     assert "usb:0" in message
     assert "plugdev" in message
     assert "EDGE_MODEL__FALLBACK_PATH" in message
+
+
+def test_a_delegate_that_fails_to_load_leaves_nothing_to_report_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runtime's half-made delegate fails in ``__del__`` ("Exception ignored in ...") when
+    collected: that happens before the one-line error, silently, and nothing else is hidden."""
+    reported: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    runtime = load_runtime()
+    with pytest.raises(DelegateError) as info:
+        load_edgetpu_delegate(runtime, None, str(tmp_path / "libedgetpu.so.1"))
+    del info
+    gc.collect()
+    assert reported == []
+    assert sys.unraisablehook == reported.append  # the hook is put back
+
+    class Broken:
+        def __del__(self) -> None:
+            raise AttributeError("not the delegate's")
+
+    Broken()
+    assert [type(r.exc_value) for r in reported] == [AttributeError]
 
 
 def test_importing_the_daemon_and_running_a_model_never_imports_tensorflow(
