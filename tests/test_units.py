@@ -29,7 +29,6 @@ from edge_daemon.postprocess import (
 )
 from edge_daemon.prediction import EncodeError, Prediction, encode
 from edge_daemon.preprocess import (
-    Image,
     as_image,
     fit,
     fit_stack,
@@ -41,6 +40,7 @@ from edge_daemon.preprocess import (
 )
 from edge_daemon.settings import CameraSettings, Roi
 from tests.helpers import PREDICTION
+from tests.scenes import door
 
 pytestmark = pytest.mark.runtime
 
@@ -168,17 +168,9 @@ def test_the_pixel_lookup_gives_numpys_values_in_place_for_every_input_type() ->
     assert np.array_equal(wide[:, :, :1], np.take(tables[0], image))
 
 
-def camera_like(rng: np.random.Generator, height: int, width: int) -> Image:
-    """A smooth colour image with sensor noise (uniform noise would make every resize agree
-    only on average)."""
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x * 2.0, y * 3.0, (x + y) * 1.5], axis=2) % 256
-    return as_image(np.clip(base + rng.normal(0, 4, base.shape), 0, 255).astype(np.uint8))
-
-
 def test_a_colour_crop_for_a_gray_model_turns_gray_before_it_shrinks() -> None:
     rng = np.random.default_rng(1)
-    image = camera_like(rng, 96, 96)
+    image = door("open", rng, 96)
     shrunk = fit(image, 28, 28, "gray")
     # The old order (shrink three channels, then gray): the same image to within rounding.
     old = to_colour(resize(image, 28, 28), "gray")
@@ -189,7 +181,7 @@ def test_a_colour_crop_for_a_gray_model_turns_gray_before_it_shrinks() -> None:
     gray = as_image(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))
     assert np.array_equal(shrunk[:, :, 0], resize(gray, 28, 28))
     # A crop that grows is converted after (fewer pixels to convert); colour models unchanged.
-    small = camera_like(rng, 10, 12)
+    small = door("ajar", rng, 12)
     assert np.array_equal(fit(small, 28, 28, "gray"), to_colour(resize(small, 28, 28), "gray"))
     assert np.array_equal(fit(image, 28, 28, "rgb"), to_colour(resize(image, 28, 28), "rgb"))
 
