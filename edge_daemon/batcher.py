@@ -150,10 +150,37 @@ class Batcher:
                 boxes = [(WHOLE_FRAME, (0, 0, width, height))]
             else:
                 boxes = [(name, roi.box(width, height)) for name, roi in rois.items()]
+                self._warn_clipped(camera, width, height, boxes)
             if len(self._box_cache) > 64:  # a source whose size keeps changing
                 self._box_cache.clear()
             self._box_cache[key] = boxes
         return boxes
+
+    def _warn_clipped(
+        self,
+        camera: str,
+        width: int,
+        height: int,
+        boxes: list[tuple[str, tuple[int, int, int, int]]],
+    ) -> None:
+        """Say once per frame size which regions reach outside the frame: only their part
+        inside it is classified (a typo in a region's numbers would otherwise pass unseen)."""
+        for name, box in boxes:
+            roi = self._rois[camera][name]
+            if roi.reaches_outside(width, height):
+                asked = roi.pixels(width, height)
+                log.warning(
+                    "camera %s: region %s (%s in pixels) reaches outside the %dx%d frame; only "
+                    "%s is classified: check EDGE_CAMERAS__%s__ROIS__%s",
+                    camera,
+                    name,
+                    ",".join(map(str, asked)),
+                    width,
+                    height,
+                    ",".join(map(str, box)),
+                    camera,
+                    name,
+                )
 
     def prepare(self, camera: str, image: Image, engine: Engine) -> Prepared | None:
         """Every region of ``image`` shaped for ``engine`` (called on the camera's thread);

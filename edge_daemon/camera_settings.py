@@ -44,13 +44,25 @@ class Roi(Group):
         """True when the four numbers are fractions of the frame."""
         return max(self.x, self.y, self.width, self.height) <= 1.0
 
-    def box(self, frame_width: int, frame_height: int) -> tuple[int, int, int, int]:
-        """The region in pixels of a frame of the given size, clipped to it."""
+    def pixels(self, frame_width: int, frame_height: int) -> tuple[int, int, int, int]:
+        """The region in pixels of a frame of the given size, as set (not clipped)."""
         if self.fractional:
             x, y = round(self.x * frame_width), round(self.y * frame_height)
             w, h = round(self.width * frame_width), round(self.height * frame_height)
-        else:
-            x, y, w, h = round(self.x), round(self.y), round(self.width), round(self.height)
+            return x, y, w, h
+        return round(self.x), round(self.y), round(self.width), round(self.height)
+
+    def reaches_outside(self, frame_width: int, frame_height: int) -> bool:
+        """Whether the region as set reaches past the right or bottom edge of such a frame
+        (fractions by more than rounding)."""
+        if self.fractional:
+            return self.x + self.width > 1.0 + 1e-9 or self.y + self.height > 1.0 + 1e-9
+        x, y, w, h = self.pixels(frame_width, frame_height)
+        return x + w > frame_width or y + h > frame_height
+
+    def box(self, frame_width: int, frame_height: int) -> tuple[int, int, int, int]:
+        """The region in pixels of a frame of the given size, clipped to it."""
+        x, y, w, h = self.pixels(frame_width, frame_height)
         x, y = min(x, frame_width - 1), min(y, frame_height - 1)
         return x, y, max(1, min(w, frame_width - x)), max(1, min(h, frame_height - y))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import threading
 import time
@@ -55,6 +56,31 @@ def camera(name: str, rois: dict[str, str] | None = None) -> Camera:
 def offer(cam: Camera, number: int, size: tuple[int, int] = (40, 60)) -> None:
     image = np.full((*size, 3), number % 256, np.uint8)
     cam.offer(Frame(image, number, time.monotonic(), time.time()))
+
+
+def test_a_region_reaching_outside_the_frame_is_clipped_and_said_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    regions = {
+        "inside": "0,0,60,40",  # exactly the frame
+        "typo": "600,10,20,20",  # far to the right of a 60-wide frame
+        "wide": "0.8,0,0.5,1",  # 0.8 + 0.5 of the width
+        "thirds": "0.333333,0,0.666667,1",  # to the edge, give or take rounding
+    }
+    cam = camera("porch", regions)
+    batcher = Batcher([cam], max_batch=8, max_delay_s=0.0)
+    with caplog.at_level(logging.WARNING, logger="edge_daemon.batcher"):
+        for n in range(2):
+            offer(cam, n)
+            items = batcher.take_ready()
+            assert [i.roi for i in items] == list(regions)
+    shapes = {i.roi: i.crop.shape[:2] for i in items}
+    assert shapes == {"inside": (40, 60), "typo": (20, 1), "wide": (40, 12), "thirds": (40, 40)}
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2  # once each, not per frame
+    assert "region typo (600,10,20,20 in pixels) reaches outside the 60x40 frame" in warned[0]
+    assert "only 59,10,1,20 is classified: check EDGE_CAMERAS__porch__ROIS__typo" in warned[0]
+    assert "region wide (48,0,30,40 in pixels)" in warned[1]
 
 
 def test_batcher_takes_each_cameras_freshest_frame_once() -> None:
