@@ -4,6 +4,8 @@ cached under ``build/bench-cache`` (git-ignored): nothing is downloaded.
 - MobileNetV2 models with random weights (speed does not depend on the weights): ``edge-convert
   train --arch mobilenetv2 --weights none`` for one epoch on 60 digits, then ``edge-convert
   quantize`` to full integer, as a user converts their own.
+- A model's twin that declares bilinear shrinking in its manifest (``input.resize``): the same
+  ``.tflite`` bytes, as for a model trained on bilinear-shrunk images.
 - A 1280x720 H.264 clip of a slowly panning, textured scene (PyAV's libx264).
 - The sample clip at 30 fps, and a still scene with sensor noise, for paced cameras.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from edge_daemon.manifest import ResizeMethod, read_manifest, write_atomic
 from edge_daemon.settings import BUNDLED_MODEL, SAMPLE_CLIP
 
 __all__ = ["CACHE", "SAMPLE_CLIP"]
@@ -30,6 +34,22 @@ CACHE = Path(os.environ.get("BENCH_CACHE", ROOT / "build" / "bench-cache"))
 def digits_model() -> Path:
     """The bundled digits model (8x8 gray, the reference CNN)."""
     return BUNDLED_MODEL
+
+
+def shrinking_by(model: Path, resize: ResizeMethod) -> Path:
+    """``model`` (with its manifest) copied into the cache, its manifest declaring ``resize``
+    as the way its training images were shrunk."""
+    manifest = read_manifest(model.with_suffix(".json"))
+    if manifest.input.resize == resize:
+        return model
+    name = f"{model.stem}_{resize}"
+    twin = CACHE / name / f"{name}.tflite"
+    twin.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(model, twin)
+    spec = manifest.input.model_copy(update={"resize": resize})
+    update = {"input": spec, "model_file": twin.name}
+    write_atomic(twin.with_suffix(".json"), manifest.model_copy(update=update).to_bytes())
+    return twin
 
 
 def mobilenet(alpha: float, size: int) -> Path:

@@ -82,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
         help="after the head, train the top of the MobileNetV2 base this many epochs (0)",
     )
     train.add_argument("--seed", type=int, default=0, help="seed of the split and training")
+    _resize_option(train, "area")
     train.add_argument(
         "--holdout",
         type=float,
@@ -158,6 +159,7 @@ def _parser() -> argparse.ArgumentParser:
         "--scale", type=_number, help="input = pixel * SCALE + OFFSET (e.g. 1/127.5)"
     )
     quant.add_argument("--offset", type=_number, help="e.g. -1 with --scale 1/127.5")
+    _resize_option(quant, None)
 
     report = sub.add_parser("report", help="print a converted model's report")
     report.add_argument("manifest", type=Path, help="NAME.json or NAME.tflite")
@@ -204,6 +206,20 @@ def _number(text: str) -> float:
     return value
 
 
+def _resize_option(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """``--resize``: written to the manifest, so the daemon shrinks crops as training did."""
+    parser.add_argument(
+        "--resize",
+        choices=("area", "bilinear"),
+        default=default,
+        help="how images larger than the model's input are shrunk, in training and evaluation "
+        "and by the daemon: area (averaging) or bilinear (OpenCV's and TensorFlow's default, "
+        "as Keras' image_dataset_from_directory trains) (default: "
+        + (default or "from the training record, else area")
+        + ")",
+    )
+
+
 def _points(text: str) -> float:
     """Accuracy points from 0 to 100."""
     value = _number(text)
@@ -246,6 +262,7 @@ def _train(args: argparse.Namespace) -> int:
         alpha=args.alpha,
         weights=args.weights,
         fine_tune_epochs=args.fine_tune_epochs,
+        resize=args.resize,
     )
     print(
         f"trained {result.model_path} ({result.epochs} epochs, training accuracy "
@@ -274,6 +291,7 @@ def _quantize(args: argparse.Namespace) -> int:
         edgetpu=args.edgetpu,
         allow_cpu_ops=args.allow_cpu_ops,
         colour=args.colour,
+        resize=args.resize,
         scale=args.scale,
         offset=args.offset,
     )

@@ -20,7 +20,7 @@ from converter.transfer import (
     mobilenet_input_spec,
     unfreeze_top,
 )
-from edge_daemon.manifest import InputSpec, write_atomic, write_labels
+from edge_daemon.manifest import InputSpec, ResizeMethod, write_atomic, write_labels
 from edge_daemon.preprocess import preprocess_batch
 
 log = logging.getLogger(__name__)
@@ -126,12 +126,14 @@ def train(
     alpha: float = 0.35,
     weights: str = "imagenet",
     fine_tune_epochs: int = 0,
+    resize: ResizeMethod = "area",
 ) -> TrainResult:
     """Train on the training part of a seeded split; write the model, labels and record.
 
     ``arch`` ``cnn`` is the reference CNN; ``mobilenetv2`` a frozen MobileNetV2 base with a new
     head (:mod:`converter.transfer`), then ``fine_tune_epochs`` with the top of the base
-    unfrozen."""
+    unfrozen. ``resize`` is how images larger than the input are shrunk (the daemon shrinks
+    crops the same way, from the manifest)."""
     import keras  # noqa: PLC0415
 
     if not 0.0 < holdout < 1.0:
@@ -160,6 +162,7 @@ def train(
     else:
         in_spec = float_input_spec(input_size, dataset.channels)
         model = build_reference_cnn(input_size, dataset.channels, classes)
+    in_spec = in_spec.model_copy(update={"resize": resize})
     x = preprocess_batch(images, in_spec)
     log.info(
         "training %s on %d images of %s (%d with camera-like copies), holding out %d (seed %d)",

@@ -33,6 +33,7 @@ from edge_daemon.manifest import (
     ModelManifest,
     OutputSpec,
     QuantizationMode,
+    ResizeMethod,
     write_atomic,
 )
 from edge_daemon.manifest import (
@@ -61,6 +62,7 @@ class QuantizeOptions:
     edgetpu: bool = False
     allow_cpu_ops: bool = False
     colour: ColourOrder | None = None
+    resize: ResizeMethod | None = None
     scale: float | None = None
     offset: float | None = None
 
@@ -113,6 +115,7 @@ def _float_spec(
     base = InputSpec.model_validate(record["input"]) if record and "input" in record else None
     colour = opts.colour or (base.colour if base else ("gray" if source.channels == 1 else "rgb"))
     scale, offset = (base.scale, base.offset) if base else (1.0 / 255.0, 0.0)
+    resize = opts.resize or (base.resize if base else "area")
     if base is None and opts.scale is None:
         # Nothing the user or our training said: read what the model itself says.
         expected = expected_scaling(source.model)
@@ -140,6 +143,7 @@ def _float_spec(
         dtype="float32",
         scale=opts.scale if opts.scale is not None else scale,
         offset=opts.offset if opts.offset is not None else offset,
+        resize=resize,
     )
 
 

@@ -29,6 +29,7 @@ from edge_daemon.manifest import (
     ModelManifest,
     OutputSpec,
     Quantization,
+    ResizeMethod,
     read_labels,
     read_manifest,
 )
@@ -85,6 +86,7 @@ class Engine:
         manifest: ModelManifest | None = None,
         labels: tuple[str, ...] | None = None,
         colour: ColourOrder | None = None,
+        resize: ResizeMethod | None = None,
         scale: float | None = None,
         offset: float | None = None,
         runtime: RuntimeName = "auto",
@@ -101,6 +103,7 @@ class Engine:
             "manifest": manifest,
             "labels": labels,
             "colour": colour,
+            "resize": resize,
             "scale": scale,
             "offset": offset,
             "runtime": runtime,
@@ -153,7 +156,9 @@ class Engine:
             self.labels = labels or manifest.labels
             self._check_against_tensors()
         else:
-            self.input_spec, self.output_spec = self._specs_from_tensors(colour, scale, offset)
+            self.input_spec, self.output_spec = self._specs_from_tensors(
+                colour, resize, scale, offset
+            )
             self.labels = labels or tuple(str(i) for i in range(self.output_spec.classes))
         if len(self.labels) != self.output_spec.classes:
             raise ModelError(
@@ -200,7 +205,11 @@ class Engine:
     # --- specs -----------------------------------------------------------------------------
 
     def _specs_from_tensors(
-        self, colour: ColourOrder | None, scale: float | None, offset: float | None
+        self,
+        colour: ColourOrder | None,
+        resize: ResizeMethod | None,
+        scale: float | None,
+        offset: float | None,
     ) -> tuple[InputSpec, OutputSpec]:
         shape = [int(v) for v in self._input["shape"]]
         if len(shape) != 4 or shape[3] not in (1, 3):
@@ -225,6 +234,7 @@ class Engine:
             offset=offset or 0.0,
             quantization=in_quant,
             dynamic_batch=int(signature[0]) == -1,
+            resize=resize or "area",
         )
         output_spec = OutputSpec(
             classes=int(self._output["shape"][1]),
@@ -350,11 +360,12 @@ class Engine:
         """A crop resized and colour-converted for the model: still 8-bit pixels, small (the
         daemon compares these to see whether a region changed)."""
         spec = self.input_spec
-        return fit(image, spec.width, spec.height, spec.colour)
+        return fit(image, spec.width, spec.height, spec.colour, spec.resize)
 
     def shape_many(self, images: Sequence[Image]) -> list[Image]:
-        """:meth:`shape` of each image; crops of one size that shrink go through OpenCV
-        together (:func:`~edge_daemon.preprocess.fit_stack`), the same pixels as one by one."""
+        """:meth:`shape` of each image; crops of one size that shrink by area averaging go
+        through OpenCV together (:func:`~edge_daemon.preprocess.fit_stack`), the same pixels
+        as one by one. Bilinear shrinking would blend neighbouring crops: one by one."""
         spec = self.input_spec
         out: list[Image | None] = [None] * len(images)
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -362,7 +373,8 @@ class Engine:
             groups.setdefault(image.shape, []).append(i)
         for size, members in groups.items():
             shrinking = size[0] >= spec.height and size[1] >= spec.width
-            if len(members) < 2 or not shrinking or size[:2] == (spec.height, spec.width):
+            alone = len(members) < 2 or not shrinking or spec.resize != "area"
+            if alone or size[:2] == (spec.height, spec.width):
                 for i in members:
                     out[i] = self.shape(images[i])
                 continue
@@ -440,6 +452,7 @@ def _load_engine(settings: Settings) -> Engine:
         "runtime": cfg.runtime,
         "num_threads": cfg.num_threads,
         "colour": cfg.colour,
+        "resize": cfg.resize,
         "scale": cfg.scale,
         "offset": cfg.offset,
     }
@@ -478,5 +491,6 @@ def model_summary(engine: Engine) -> str:
         f"{engine.name} ({Path(engine.model_path).name}, {engine.runtime.name}): "
         f"{spec.height}x{spec.width}x{spec.channels} {spec.colour} {spec.dtype}, "
         f"{len(engine.labels)} classes, batch {'dynamic' if spec.dynamic_batch else '1'}, "
+        f"shrunk by {'area averaging' if spec.resize == 'area' else 'bilinear sampling'}, "
         f"{scaling}"
     )

@@ -25,6 +25,10 @@ ColourOrder = Literal["gray", "rgb", "bgr"]
 TensorType = Literal["uint8", "int8", "float32", "float16", "int16"]
 OutputKind = Literal["probabilities", "logits"]
 QuantizationMode = Literal["int8", "float16", "dynamic", "float32"]
+#: How a crop larger than the input is shrunk: ``area`` averages every pixel it covers (what
+#: the converter trains with); ``bilinear`` samples it, as OpenCV's and TensorFlow's default
+#: resize do (Keras' ``image_dataset_from_directory`` trains so). Growing is bilinear either way.
+ResizeMethod = Literal["area", "bilinear"]
 
 
 class _Frozen(BaseModel):
@@ -52,6 +56,8 @@ class InputSpec(_Frozen):
     quantization: Quantization | None = None
     #: True when the batch dimension can be resized; Edge TPU models have a fixed batch of 1.
     dynamic_batch: bool = True
+    #: How the model's training images were shrunk; the daemon shrinks crops the same way.
+    resize: ResizeMethod = "area"
 
     @model_validator(mode="after")
     def _colour_fits_channels(self) -> InputSpec:
@@ -126,12 +132,15 @@ class ModelManifest(_Frozen):
     def to_bytes(self) -> bytes:
         """The manifest as the JSON file the converter writes.
 
-        ``accuracy.reference`` is left out when it is ``labels`` (its default): a daemon older
-        than that field refuses unknown fields, and would refuse every new manifest. A
-        teacher-mode manifest (no labels) needs a daemon that knows the field."""
+        ``accuracy.reference`` is left out when it is ``labels`` (its default), and
+        ``input.resize`` when it is ``area``: a daemon older than those fields refuses unknown
+        fields, and would refuse every new manifest. A teacher-mode manifest (no labels), or
+        one for a model trained on bilinear shrinking, needs a daemon that knows the field."""
         data = self.model_dump(mode="json")
         if data.get("accuracy") and data["accuracy"].get("reference") == "labels":
             del data["accuracy"]["reference"]
+        if data["input"].get("resize") == "area":
+            del data["input"]["resize"]
         return json.dumps(data, indent=2).encode("utf-8") + b"\n"
 
     @model_validator(mode="after")

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from edge_daemon.manifest import InputSpec
+from edge_daemon.manifest import InputSpec, ResizeMethod
 
 #: An image as OpenCV gives it: (H, W, 3) BGR or (H, W) gray, uint8.
 Image = npt.NDArray[np.uint8]
@@ -49,8 +49,9 @@ def whole_multiple(w: int, h: int, width: int, height: int) -> tuple[int, int] |
     return kx * width, ky * height
 
 
-def resize(image: Image, width: int, height: int) -> Image:
-    """Resize to ``width`` x ``height``: area averaging to shrink, bilinear to grow.
+def resize(image: Image, width: int, height: int, method: ResizeMethod = "area") -> Image:
+    """Resize to ``width`` x ``height``: area averaging to shrink (bilinear with ``method``
+    ``bilinear``, OpenCV's default, for a model trained so), bilinear to grow.
 
     OpenCV averages areas quickly only by whole factors; any other factor takes its general
     path, about 3 times slower (1.7 ms for 720x720 to 128x128 here, more than the model). So a
@@ -61,7 +62,7 @@ def resize(image: Image, width: int, height: int) -> Image:
     h, w = image.shape[:2]
     if (w, h) == (width, height):
         return image
-    if w * h <= width * height:
+    if w * h <= width * height or method == "bilinear":
         return as_image(cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR))
     step = whole_multiple(w, h, width, height)
     if step is not None:
@@ -92,24 +93,24 @@ def _gray_first(image: Image, width: int, height: int, colour: str) -> Image:
     return image
 
 
-def fit(image: Image, width: int, height: int, colour: str) -> Image:
-    """An image (BGR or gray) resized to ``width`` x ``height`` and in the model's colour
-    order, still 8-bit, as ``(H, W, C)``. A colour image shrunk for a gray model turns gray
-    first: one channel resized instead of three (a 96x96 region shrunk to 28x28: 22 against
-    29 µs here, 35 against 46 µs right after decoding a frame), and the same image to within
-    rounding, since both steps are weighted sums of pixels."""
+def fit(image: Image, width: int, height: int, colour: str, method: ResizeMethod = "area") -> Image:
+    """An image (BGR or gray) resized to ``width`` x ``height`` (see :func:`resize`) and in the
+    model's colour order, still 8-bit, as ``(H, W, C)``. A colour image shrunk for a gray
+    model turns gray first: one channel resized instead of three (a 96x96 region shrunk to
+    28x28: 22 against 29 µs here, 35 against 46 µs right after decoding a frame), and the
+    same image to within rounding, since both steps are weighted sums of pixels."""
     image = _gray_first(image, width, height, colour)
-    return to_colour(resize(image, width, height), colour)
+    return to_colour(resize(image, width, height, method), colour)
 
 
 def fit_stack(images: Sequence[Image], width: int, height: int, colour: str) -> Image:
-    """:func:`fit` of crops of one size that all shrink, stacked into one tall image
-    (``len(images) * height`` rows): the same pixels as fitting each alone, in a few OpenCV
-    calls per batch instead of a few per crop. Area averaging maps each crop's rows onto
-    exactly its own output rows (the crop boundaries fall on output boundaries), so the stack
-    is averaged in one call; a crop's bilinear first step (see :func:`resize`) is taken alone,
-    since it would blend rows across crops. A colour stack for a gray model turns gray in one
-    call. Sixteen 80x60 crops to 28x28 gray: 119 against 168 µs one by one, here."""
+    """:func:`fit` of crops of one size that all shrink by area averaging, stacked into one
+    tall image (``len(images) * height`` rows): the same pixels as fitting each alone, in a
+    few OpenCV calls per batch instead of a few per crop. Area averaging maps each crop's rows
+    onto exactly its own output rows (the crop boundaries fall on output boundaries), so the
+    stack is averaged in one call; a crop's bilinear first step (see :func:`resize`) is taken
+    alone, since it would blend rows across crops. A colour stack for a gray model turns gray
+    in one call. Sixteen 80x60 crops to 28x28 gray: 119 against 168 µs one by one, here."""
     h, w = images[0].shape[:2]
     tall = height * len(images)
     stacked = _gray_first(as_image(np.concatenate(images, axis=0)), width, tall, colour)
@@ -158,7 +159,7 @@ def lookup_into(table: npt.NDArray[np.generic], image: Image, out: npt.NDArray[n
 
 def preprocess_into(image: Image, spec: InputSpec, out: npt.NDArray[np.generic]) -> None:
     """Write ``image`` as model input into ``out`` (one ``(H, W, C)`` slot of the input tensor)."""
-    shaped = fit(image, spec.width, spec.height, spec.colour)
+    shaped = fit(image, spec.width, spec.height, spec.colour, spec.resize)
     lookup_into(pixel_table(spec), shaped, out)
 
 

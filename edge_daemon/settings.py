@@ -96,6 +96,9 @@ class ModelSettings(Group):
     """A CPU model to run when the Edge TPU cannot be used; without one the daemon stops."""
     colour: Literal["gray", "rgb", "bgr"] | None = None
     """Model without a manifest: its colour order (default: gray for 1 channel, else rgb)."""
+    resize: Literal["area", "bilinear"] | None = None
+    """Model without a manifest: how crops are shrunk, as its training images were: ``area``
+    (averaging) or ``bilinear`` (OpenCV's and TensorFlow's default) (default: area)."""
     # Bounded so that 255 * scale + offset stays finite even in float32.
     scale: float | None = Field(default=None, ge=-1e6, le=1e6)
     """Model without a manifest: input = pixel * scale + offset, a number or a fraction such

@@ -903,6 +903,54 @@ def test_a_labelled_manifest_stays_readable_by_older_daemons() -> None:
         )
 
 
+def test_a_model_trained_on_bilinear_shrinking_records_it_and_the_daemon_shrinks_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tensorflow as tf
+
+    from edge_daemon.engine import Engine
+    from edge_daemon.preprocess import fit
+    from tests.scenes import door, door_folder
+
+    # What 'bilinear' promises: TensorFlow's default resize, as Keras' image pipelines train.
+    image = door("open", np.random.default_rng(0), 64)
+    rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)[None].astype(np.float32)
+    keras_like = tf.image.resize(rgb, (16, 16), method="bilinear").numpy()[0]
+    assert np.abs(fit(image, 16, 16, "rgb", "bilinear") - keras_like).max() <= 1.0
+    assert np.abs(fit(image, 16, 16, "rgb") - keras_like).mean() > 2  # area is another image
+
+    door_folder(tmp_path / "doors", per_class=20, seed=2, size=64)
+    out = tmp_path / "model"
+    code, _, err = run_cli(
+        capsys,
+        *("train", "--dataset", str(tmp_path / "doors"), "--output", str(out)),
+        *("--epochs", "2", "--input-size", "16", "--augment", "0", "--resize", "bilinear"),
+    )
+    assert code == 0, err
+    assert json.loads((out / "doors.train.json").read_text())["input"]["resize"] == "bilinear"
+    gate = ("--mode", "dynamic", "--max-accuracy-drop", "100")
+    code, _, err = run_cli(capsys, "quantize", str(out / "doors.keras"), *gate)
+    assert code == 0, err
+    assert json.loads((out / "doors.json").read_text())["input"]["resize"] == "bilinear"
+    engine = Engine.from_path(out / "doors.tflite")
+    assert np.array_equal(engine.shape(image), fit(image, 16, 16, "rgb", "bilinear"))
+    # --resize overrides the training record; area, the default, is left out of the file.
+    other = tmp_path / "area"
+    code, _, err = run_cli(
+        capsys,
+        "quantize",
+        str(out / "doors.keras"),
+        *gate,
+        "--resize",
+        "area",
+        "--output",
+        str(other),
+    )
+    assert code == 0, err
+    assert "resize" not in json.loads((other / "doors.json").read_text())["input"]
+    assert Engine.from_path(other / "doors.tflite").input_spec.resize == "area"
+
+
 # --- your own classes: camera-like augmentation, class balance, MobileNetV2 transfer ---------
 
 

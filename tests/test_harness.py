@@ -52,6 +52,14 @@ def test_the_tiny_bench_runs_every_workload_and_reports(tmp_path: Path) -> None:
         assert entry["regions"] == 16
         assert set(entry["stages"]) >= {"decode", "preprocess", "invoke_b1", "publish"}
     assert (tmp_path / "cache" / "pan_1280x720_20.mp4").is_file()  # built, not found
+    # Workload 2 twice: a model declaring bilinear shrinking, and one declaring area
+    # averaging (the naive loop shrinks as each declares).
+    balanced = groups["2 balanced"]
+    names = ["720p h264 x1", "720p h264 x4", "720p h264 area x1", "720p h264 area x4"]
+    assert [e["name"] for e in balanced] == names
+    twin = tmp_path / "cache" / f"{balanced[0]['model']}" / f"{balanced[0]['model']}.json"
+    assert json.loads(twin.read_text())["input"]["resize"] == "bilinear"
+    assert balanced[2]["model"] != balanced[0]["model"]
     live = groups["4 live"][0]
     # Paced at 30 fps: each of 4 cameras gives about 30 labels a second, never more.
     assert 60 < live["daemon"]["labels_per_s"] < 135

@@ -13,11 +13,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 
 from edge_daemon import runtime as runtime_module
-from edge_daemon.engine import MAX_INTERPRETERS, Engine
+from edge_daemon.engine import MAX_INTERPRETERS, Engine, model_summary
 from edge_daemon.errors import DelegateError, ModelError
 from edge_daemon.manifest import ModelManifest, read_manifest
 from edge_daemon.preprocess import preprocess_batch
@@ -293,3 +294,42 @@ def test_a_model_check_child_that_no_check_uses_is_ended() -> None:
     runtime_module.dismiss_checker()
     assert not runtime_module._waiting
     assert child.wait(timeout=60) == 0
+
+
+def test_a_model_shrinks_crops_as_its_manifest_says_it_was_trained(
+    zoo: Zoo, tmp_path: Path
+) -> None:
+    """``input.resize``: area averaging unless the manifest (or, without one, the settings)
+    says bilinear; a manifest that does not say stays readable by older daemons."""
+    manifest = read_manifest(zoo.model("int8").with_suffix(".json"))
+    assert manifest.input.resize == "area"
+    assert "resize" not in json.loads(manifest.to_bytes())["input"]
+    bilinear = manifest.model_copy(
+        update={"input": manifest.input.model_copy(update={"resize": "bilinear"})}
+    )
+    assert json.loads(bilinear.to_bytes())["input"]["resize"] == "bilinear"
+    shutil.copy(zoo.model("int8"), tmp_path / "small.tflite")
+    (tmp_path / "small.json").write_bytes(bilinear.to_bytes())
+    engine = Engine.from_path(tmp_path / "small.tflite")
+    assert engine.input_spec.resize == "bilinear"
+    assert "shrunk by bilinear sampling" in model_summary(engine)
+    # Crops of one size, several at once: each sampled alone, as OpenCV's default resize.
+    rng = np.random.default_rng(3)
+    crops = [rng.integers(0, 256, (61, 83), dtype=np.uint8) for _ in range(4)]
+    sampled = [cv2.resize(c, (16, 16), interpolation=cv2.INTER_LINEAR)[..., None] for c in crops]
+    for got, want in zip(engine.shape_many(crops), sampled, strict=True):
+        assert np.array_equal(got, want)
+    area = Engine.from_path(zoo.model("int8")).shape_many(crops)
+    assert all(np.abs(a.astype(int) - s).mean() > 10 for a, s in zip(area, sampled, strict=True))
+    # Without a manifest, from the settings' value.
+    bare = tmp_path / "bare" / "bare.tflite"
+    bare.parent.mkdir()
+    shutil.copy(zoo.model("int8"), bare)
+    assert Engine.from_path(bare).input_spec.resize == "area"
+    assert Engine.from_path(bare, resize="bilinear").input_spec.resize == "bilinear"
+    # A method the daemon does not know: one line naming the field.
+    broken = json.loads(bilinear.to_bytes())
+    broken["input"]["resize"] = "nearest"
+    (tmp_path / "small.json").write_text(json.dumps(broken))
+    with pytest.raises(ModelError, match=r"not valid at input\.resize: Input should be 'area'"):
+        Engine.from_path(tmp_path / "small.tflite")

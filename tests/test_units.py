@@ -233,6 +233,19 @@ def test_crops_fitted_together_are_the_crops_fitted_one_by_one(
         assert np.array_equal(tall[n * 28 : (n + 1) * 28], fit(crop, 28, 28, colour)), n
 
 
+def test_bilinear_shrinking_is_opencvs_default_resize_and_not_area_averaging() -> None:
+    image = door("closed", np.random.default_rng(4), 96)
+    for colour, code in (("rgb", cv2.COLOR_BGR2RGB), ("bgr", None)):
+        sampled = cv2.resize(image, (28, 28), interpolation=cv2.INTER_LINEAR)
+        want = sampled if code is None else cv2.cvtColor(sampled, code)
+        assert np.array_equal(fit(image, 28, 28, colour, "bilinear"), want)
+    averaged = fit(image, 28, 28, "rgb")
+    assert np.abs(averaged.astype(int) - fit(image, 28, 28, "rgb", "bilinear")).mean() > 2
+    # Growing is bilinear either way.
+    small = door("ajar", np.random.default_rng(5), 12)
+    assert np.array_equal(fit(small, 28, 28, "rgb", "bilinear"), fit(small, 28, 28, "rgb"))
+
+
 # --- postprocessing -----------------------------------------------------------------------------
 
 
