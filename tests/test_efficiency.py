@@ -181,14 +181,43 @@ def test_zero_classifies_every_crop_and_a_new_model_forgets(digits_engine: Engin
 # --- frames: pulled from files, retrieved from live sources only when taken -----------------------
 
 
+class CountingFile:
+    """A real file's capture, counting what is decoded (grabs) and kept (retrieves)."""
+
+    def __init__(self, settings: CameraSettings) -> None:
+        self.inner = sources.open_source(settings)
+        self.grabs = 0
+        self.retrieves = 0
+
+    def grab(self) -> bool:
+        self.grabs += 1
+        return self.inner.grab()
+
+    def retrieve(self) -> tuple[bool, object]:
+        self.retrieves += 1
+        return self.inner.retrieve()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
 def test_a_file_read_unthrottled_is_pulled_frame_by_frame(tmp_path: Path) -> None:
     video = write_video(tmp_path / "clip.mp4", digit_frames(40, 64), fps=25)
-    cam = Camera("file", CameraSettings(source=str(video), realtime=False, loop=False))
+    files: list[CountingFile] = []
+
+    def opener(settings: CameraSettings) -> CountingFile:
+        files.append(CountingFile(settings))
+        return files[-1]
+
+    settings = CameraSettings(source=str(video), realtime=False, loop=False)
+    cam = Camera("file", settings, opener=opener)
     cam.start()
     try:
         assert wait_until(lambda: cam.frames_read == 1, timeout=10)
         time.sleep(0.5)
-        assert (cam.frames_read, cam.frames_skipped) == (1, 0)  # nothing decoded ahead
+        assert (cam.frames_read, cam.frames_skipped) == (1, 0)
+        # Nobody took the first frame: the next one is decoded, not kept, and no further.
+        assert (files[0].grabs, files[0].retrieves) == (2, 1)
         numbers = []
         for _ in range(5):
             assert wait_until(cam.has_new, timeout=5)
@@ -196,6 +225,9 @@ def test_a_file_read_unthrottled_is_pulled_frame_by_frame(tmp_path: Path) -> Non
             assert frame is not None
             numbers.append(frame.number)
         assert numbers == [0, 1, 2, 3, 4]  # every frame, in order, none thrown away
+        assert wait_until(lambda: files[0].grabs == 7, timeout=5)
+        time.sleep(0.2)
+        assert (files[0].grabs, files[0].retrieves) == (7, 6)
     finally:
         cam.stop()
     assert cam.frames_skipped == 0
