@@ -9,6 +9,9 @@ from pathlib import Path
 from converter.evaluate import Evaluation
 from edge_daemon.manifest import ModelManifest
 
+#: How the report names each way of shrinking (the manifest's ``input.resize``).
+_SHRINKING = {"area": "area averaging", "bilinear": "bilinear sampling"}
+
 
 def _pct(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value * 100:.2f}%"
@@ -81,7 +84,8 @@ def markdown(
             if manifest.output.quantization
             else ""
         )
-        + f"; batch {'dynamic' if manifest.input.dynamic_batch else '1'}.",
+        + f"; batch {'dynamic' if manifest.input.dynamic_batch else '1'}"
+        + f"; larger crops shrunk by {_SHRINKING[manifest.input.resize]}.",
         "",
         "## Per class",
         "",

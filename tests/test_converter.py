@@ -932,6 +932,7 @@ def test_a_model_trained_on_bilinear_shrinking_records_it_and_the_daemon_shrinks
     code, _, err = run_cli(capsys, "quantize", str(out / "doors.keras"), *gate)
     assert code == 0, err
     assert json.loads((out / "doors.json").read_text())["input"]["resize"] == "bilinear"
+    assert "larger crops shrunk by bilinear sampling" in (out / "doors.report.md").read_text()
     engine = Engine.from_path(out / "doors.tflite")
     assert np.array_equal(engine.shape(image), fit(image, 16, 16, "rgb", "bilinear"))
     # --resize overrides the training record; area, the default, is left out of the file.
