@@ -15,11 +15,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import get_args
 
 from converter import __version__
 from converter.errors import GateFailedError, InputMissingError
 from edge_daemon.errors import EdgeDaemonError
 from edge_daemon.fields import fraction
+from edge_daemon.manifest import ResizeMethod
 
 log = logging.getLogger("edge_convert")
 
@@ -210,7 +212,7 @@ def _resize_option(parser: argparse.ArgumentParser, default: str | None) -> None
     """``--resize``: written to the manifest, so the daemon shrinks crops as training did."""
     parser.add_argument(
         "--resize",
-        choices=("area", "bilinear"),
+        choices=get_args(ResizeMethod),
         default=default,
         help="how images larger than the model's input are shrunk, in training and evaluation "
         "and by the daemon: area (averaging) or bilinear (OpenCV's and TensorFlow's default, "

@@ -7,10 +7,7 @@ import math
 from pathlib import Path
 
 from converter.evaluate import Evaluation
-from edge_daemon.manifest import ModelManifest
-
-#: How the report names each way of shrinking (the manifest's ``input.resize``).
-_SHRINKING = {"area": "area averaging", "bilinear": "bilinear sampling"}
+from edge_daemon.manifest import RESIZE_NAMES, ModelManifest
 
 
 def _pct(value: float) -> str:
@@ -85,7 +82,7 @@ def markdown(
             else ""
         )
         + f"; batch {'dynamic' if manifest.input.dynamic_batch else '1'}"
-        + f"; larger crops shrunk by {_SHRINKING[manifest.input.resize]}.",
+        + f"; larger crops shrunk by {RESIZE_NAMES[manifest.input.resize]}.",
         "",
         "## Per class",
         "",

@@ -24,6 +24,7 @@ from edge_daemon import postprocess
 from edge_daemon.batching import BatchChoice
 from edge_daemon.errors import DelegateError, ModelError
 from edge_daemon.manifest import (
+    RESIZE_NAMES,
     ColourOrder,
     InputSpec,
     ModelManifest,
@@ -367,14 +368,15 @@ class Engine:
         through OpenCV together (:func:`~edge_daemon.preprocess.fit_stack`), the same pixels
         as one by one. Bilinear shrinking would blend neighbouring crops: one by one."""
         spec = self.input_spec
+        if spec.resize != "area":
+            return [self.shape(image) for image in images]
         out: list[Image | None] = [None] * len(images)
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, image in enumerate(images):
             groups.setdefault(image.shape, []).append(i)
         for size, members in groups.items():
             shrinking = size[0] >= spec.height and size[1] >= spec.width
-            alone = len(members) < 2 or not shrinking or spec.resize != "area"
-            if alone or size[:2] == (spec.height, spec.width):
+            if len(members) < 2 or not shrinking or size[:2] == (spec.height, spec.width):
                 for i in members:
                     out[i] = self.shape(images[i])
                 continue
@@ -491,6 +493,6 @@ def model_summary(engine: Engine) -> str:
         f"{engine.name} ({Path(engine.model_path).name}, {engine.runtime.name}): "
         f"{spec.height}x{spec.width}x{spec.channels} {spec.colour} {spec.dtype}, "
         f"{len(engine.labels)} classes, batch {'dynamic' if spec.dynamic_batch else '1'}, "
-        f"shrunk by {'area averaging' if spec.resize == 'area' else 'bilinear sampling'}, "
+        f"shrunk by {RESIZE_NAMES[spec.resize]}, "
         f"{scaling}"
     )

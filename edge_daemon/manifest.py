@@ -29,6 +29,8 @@ QuantizationMode = Literal["int8", "float16", "dynamic", "float32"]
 #: the converter trains with); ``bilinear`` samples it, as OpenCV's and TensorFlow's default
 #: resize do (Keras' ``image_dataset_from_directory`` trains so). Growing is bilinear either way.
 ResizeMethod = Literal["area", "bilinear"]
+#: Each way of shrinking as logs and reports name it.
+RESIZE_NAMES: dict[ResizeMethod, str] = {"area": "area averaging", "bilinear": "bilinear sampling"}
 
 
 class _Frozen(BaseModel):

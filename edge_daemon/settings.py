@@ -46,6 +46,7 @@ from edge_daemon.fields import (
     check_names,
     fraction,
 )
+from edge_daemon.manifest import ResizeMethod
 from edge_daemon.state_settings import SnapshotSettings, StateSettings
 
 __all__ = [
@@ -96,7 +97,7 @@ class ModelSettings(Group):
     """A CPU model to run when the Edge TPU cannot be used; without one the daemon stops."""
     colour: Literal["gray", "rgb", "bgr"] | None = None
     """Model without a manifest: its colour order (default: gray for 1 channel, else rgb)."""
-    resize: Literal["area", "bilinear"] | None = None
+    resize: ResizeMethod | None = None
     """Model without a manifest: how crops are shrunk, as its training images were: ``area``
     (averaging) or ``bilinear`` (OpenCV's and TensorFlow's default) (default: area)."""
     # Bounded so that 255 * scale + offset stays finite even in float32.
