@@ -3,12 +3,35 @@ settings (``EDGE_CAMERAS__<name>__...``)."""
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from edge_daemon.fields import MAX_PIXELS, MAX_TEXT, Group, check_names
 from edge_daemon.state_settings import RegionStateSettings
+
+SourceKind = Literal["device", "file", "stream", "gstreamer"]
+_STREAM = re.compile(r"^(rtsps?|https?|rtmp|udp|tcp|srt)://", re.IGNORECASE)
+_DEVICE = re.compile(r"^(\d+|/dev/video\d+)$")
+
+
+def source_kind(source: str) -> SourceKind:
+    """What kind of source a setting names."""
+    if _DEVICE.match(source.strip()):
+        return "device"
+    if _STREAM.match(source.strip()):
+        return "stream"
+    if "!" in source:
+        return "gstreamer"
+    return "file"
+
+
+def decoded_by_ffmpeg(source: str) -> bool:
+    """Whether OpenCV opens the source through FFmpeg: a stream, or a video file (not a
+    numbered image sequence such as ``frames/%04d.png``)."""
+    kind = source_kind(source)
+    return kind == "stream" or (kind == "file" and "%" not in source)
 
 
 class Roi(Group):
@@ -86,6 +109,9 @@ class CameraSettings(Group):
     """Files: start again at the end (true) or stop the camera there."""
     realtime: bool = True
     """Files: play at the file's own frame rate, as a camera would deliver it."""
+    decode_threads: int | None = Field(default=None, ge=1, le=64)
+    """Files and streams: threads FFmpeg decodes with; none: the cores but one, shared among
+    the cameras FFmpeg decodes, at least one each (the other core runs inference)."""
     # OpenCV takes whole milliseconds: a timeout much shorter could never be met.
     open_timeout_s: float = Field(default=10.0, ge=0.1, le=600)
     """Give up opening a source after this long."""
@@ -103,6 +129,16 @@ class CameraSettings(Group):
     @classmethod
     def _roi_names(cls, value: dict[str, Roi]) -> dict[str, Roi]:
         return check_names(value, "ROI")
+
+    @model_validator(mode="after")
+    def _decoder(self) -> CameraSettings:
+        if self.decode_threads is not None and not decoded_by_ffmpeg(self.source):
+            raise ValueError(
+                f"DECODE_THREADS: only files and streams are decoded by FFmpeg, not a "
+                f"{source_kind(self.source)} source; remove it"
+                + (" and set the decoder's threads in the pipeline" if "!" in self.source else "")
+            )
+        return self
 
     @model_validator(mode="after")
     def _state_regions(self) -> CameraSettings:

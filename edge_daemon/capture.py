@@ -24,10 +24,11 @@ import cv2
 import numpy as np
 
 from edge_daemon.backoff import Backoff
+from edge_daemon.camera_settings import source_kind
 from edge_daemon.errors import CaptureError
 from edge_daemon.preprocess import Image, as_image
 from edge_daemon.settings import CameraSettings
-from edge_daemon.sources import Opener, VideoSource, open_source, redact, source_kind
+from edge_daemon.sources import Opener, VideoSource, open_source, redact
 from edge_daemon.stage import StageThread
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from edge_daemon.engine import load_engine, model_summary
 from edge_daemon.errors import EdgeDaemonError
 from edge_daemon.publisher import close_client
 from edge_daemon.settings import CameraSettings, Settings, sample_camera
-from edge_daemon.sources import open_source, redact
+from edge_daemon.sources import decoding_shares, open_source, redact
 
 
 def _check_source(settings: CameraSettings, timeout: float) -> str:
@@ -113,11 +113,17 @@ def run_checks(env_file: Path | None, timeout: float) -> int:
         report.append(f"model: ok, {model_summary(engine)}")
     except EdgeDaemonError as exc:
         problems.append(f"model: {exc}")
-    cameras = settings.cameras or sample_camera()
+    cameras = decoding_shares(settings.cameras or sample_camera())
     for name, camera in cameras.items():
         try:
             size = _check_source(camera, timeout)
-            report.append(f"camera {name}: ok, {redact(camera.source)} gives {size} frames")
+            threads = camera.decode_threads
+            decoded = (
+                f", decoded on {threads} thread{'s' if threads > 1 else ''}" if threads else ""
+            )
+            report.append(
+                f"camera {name}: ok, {redact(camera.source)} gives {size} frames{decoded}"
+            )
         except EdgeDaemonError as exc:
             problems.append(
                 f"camera {name} ({redact(camera.source)}): {exc}; check "

@@ -28,7 +28,14 @@ from edge_daemon.publisher import Publisher
 from edge_daemon.reload import Reloader
 from edge_daemon.scene import StateStage
 from edge_daemon.settings import Settings, sample_camera
-from edge_daemon.sources import OpenAhead, Opener, open_source, redact, require_backends
+from edge_daemon.sources import (
+    OpenAhead,
+    Opener,
+    decoding_shares,
+    open_source,
+    redact,
+    require_backends,
+)
 from edge_daemon.stats import InferenceStats, stats_payload, status_line
 from edge_daemon.systemd import Notifier
 
@@ -51,7 +58,7 @@ class Daemon:
         notifier: Notifier | None = None,
     ) -> None:
         self.settings = settings
-        cameras = settings.cameras or sample_camera()
+        cameras = decoding_shares(settings.cameras or sample_camera())
         if opener is open_source:
             require_backends(cameras)
         # The sources open while the model loads; the cameras take them when they start.

@@ -4,11 +4,13 @@ pay, unchanged regions not classified again, labels handed to paho by the caller
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 
@@ -663,3 +665,57 @@ def test_a_paced_file_shows_its_first_frame_at_once_then_keeps_the_shared_beat(
     assert seen[0].monotonic - started < 0.25
     ticks = (seen[1].monotonic - capture._BEAT_EPOCH) / 0.5
     assert abs(ticks - round(ticks)) < 0.1  # the second on the shared clock's beat
+
+
+# --- FFmpeg's decoding threads ----------------------------------------------------------------
+
+
+def test_ffmpeg_decoders_share_the_cores_but_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    video = write_video(tmp_path / "clip.mp4", digit_frames(4, 64), fps=10)
+    cams = {
+        "file": CameraSettings(source=str(video)),
+        "net": CameraSettings(source="rtsp://192.0.2.10/stream"),
+        "usb": CameraSettings(source="/dev/video0"),
+        "frames": CameraSettings(source=str(tmp_path / "%04d.png")),
+        "set": CameraSettings(source=str(video), decode_threads=5),
+    }
+
+    def threads(cores: int, cameras: dict[str, CameraSettings]) -> dict[str, int | None]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+        return {n: c.decode_threads for n, c in sources.decoding_shares(cameras).items()}
+
+    # FFmpeg decodes three of them (the file, the stream and the one set by hand): 7 spare
+    # cores make 2 each; a device and an image sequence are not FFmpeg's.
+    expected = {"file": 2, "net": 2, "usb": None, "frames": None, "set": 5}
+    assert threads(8, cams) == expected
+    assert threads(2, cams) == {**expected, "file": 1, "net": 1}
+    assert threads(1, cams) == {**expected, "file": 1, "net": 1}
+    assert threads(8, {"file": cams["file"]}) == {"file": 7}
+    assert cams["file"].decode_threads is None  # the settings themselves are left as they were
+
+    # FFmpeg is told: a capture opened alone takes the share of one camera, else the one given.
+    opened = sources.open_source(cams["file"])
+    assert opened.get(cv2.CAP_PROP_N_THREADS) == 7
+    opened.release()
+    opened = sources.open_source(cams["set"])
+    assert opened.get(cv2.CAP_PROP_N_THREADS) == 5
+    opened.release()
+
+    # The daemon shares the cores among all its cameras before it opens any.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    given: list[int | None] = []
+
+    def opener(cam: CameraSettings) -> Any:
+        given.append(cam.decode_threads)
+        return sources.open_source(cam)
+
+    files = {f"c{i}": CameraSettings(source=str(video), realtime=False) for i in range(3)}
+    daemon = Daemon(settings_for(unique_prefix(), cameras=files), opener=opener)
+    try:
+        assert [c.settings.decode_threads for c in daemon.cameras] == [1, 1, 1]
+        assert wait_until(lambda: len(given) == 3, timeout=10)
+        assert given == [1, 1, 1]
+    finally:
+        daemon.stop()
