@@ -64,6 +64,37 @@ def _cores_table(report: dict[str, Any]) -> list[str]:
     return [*rows, ""]
 
 
+def _decode_table(report: dict[str, Any]) -> list[str]:
+    """Decode alone as FFmpeg threads it by default and as the daemon does, where decoding
+    is the slowest stage."""
+    rows = []
+    for group in ("1 inference-bound", "2 balanced", "3 many regions"):
+        for e in report["workloads"].get(group, []):
+            st = e["stages"]
+            if "decode_daemon" not in st or slowest(st)[0] != "decode":
+                continue
+            daemon = e["daemon"]["labels_per_s"]
+            rows.append(
+                f"| {group[0]}: {e['name']} | {st['decode']:.0f}/s | {st['decode_daemon']:.0f}/s "
+                f"on {st['decode_threads']:.0f} | {daemon:.0f}/s | "
+                f"**{daemon / st['decode_daemon']:.2f}** |"
+            )
+    if not rows:
+        return []
+    return [
+        "Where decoding bounds the pipeline, decode alone both ways: on FFmpeg's default "
+        "threads (one per core, the yardstick above) and on the threads the daemon gives each "
+        "camera (the cores but one, shared among the cameras FFmpeg decodes; it made more "
+        "labels a second than FFmpeg's default, measured side by side):",
+        "",
+        "| workload | decode, FFmpeg's threads | decode, the daemon's threads | daemon | "
+        "daemon / decode as it decodes |",
+        "| --- | --- | --- | --- | --- |",
+        *rows,
+        "",
+    ]
+
+
 def _bounded_verdict(ratio: float, target: float, ceiling_ratio: float) -> str:
     """Met; out of reach when not even the CPU ceiling (the daemon's stages spread perfectly
     over the cores) gives ``target``, as the same ratio; or missed."""
@@ -104,6 +135,7 @@ def table(report: dict[str, Any]) -> str:
         "",
         *rows,
         "",
+        *_decode_table(report),
         *_cores_table(report),
         f"The CPU ceiling is what {cores} cores allow if every stage ran in parallel with no "
         "cost of its own: the cores divided by the CPU seconds per label of decode, "

@@ -3,7 +3,7 @@ makes it so."""
 
 from __future__ import annotations
 
-from benchmarks.report import _bounded_verdict, _first_label_verdict
+from benchmarks.report import _bounded_verdict, _decode_table, _first_label_verdict
 
 STARTUP = {"python": 0.03, "naive_imports": 0.19, "settings_library": 0.23}  # +200 ms
 
@@ -25,3 +25,15 @@ def test_first_label_is_missed_when_the_import_leaves_room() -> None:
     assert _first_label_verdict([("a", 1.0, 2.0)], STARTUP) == "MISSED"
     assert _first_label_verdict([("a", 0.2, 0.5)], None) == "MISSED"
     assert _first_label_verdict([("a", 0.2, 0.29)], STARTUP) == "met"
+
+
+def test_decode_is_shown_as_the_daemon_decodes_only_where_it_bounds_the_pipeline() -> None:
+    def entry(name: str, decode: float) -> dict[str, object]:
+        stages = {"decode": decode, "decode_daemon": 700.0, "decode_threads": 1.0}
+        stages |= {"preprocess": 5000.0, "invoke_b1": 4000.0, "publish": 7000.0}
+        return {"name": name, "stages": stages, "daemon": {"labels_per_s": 630.0}}
+
+    report = {"workloads": {"2 balanced": [entry("bound", 900.0), entry("not", 9000.0)]}}
+    rows = [line for line in _decode_table(report) if line.startswith("| 2:")]
+    assert rows == ["| 2: bound | 900/s | 700/s on 1 | 630/s | **0.90** |"]
+    assert _decode_table({"workloads": {"2 balanced": [entry("not", 9000.0)]}}) == []
