@@ -31,6 +31,9 @@ WHOLE_FRAME = "frame"
 #: A frame whose regions cover at least this many pixels has them shaped on the camera's thread.
 PREPARE_MIN_PIXELS = 50_000
 
+#: How far one sign of which thread is the slower moves a pulled file's share of the shaping.
+SHARE_STEP = 0.05
+
 
 @dataclass(frozen=True, slots=True)
 class Item:
@@ -69,6 +72,14 @@ class Batcher:
             c.name: dict(c.settings.rois) for c in self.cameras
         }
         self._prepare_failed = RateLimit(rate=1 / 60, burst=1)
+        self._camera = {c.name: c for c in self.cameras}
+        #: For a pulled file: the share of its frames its own thread shapes (the inference
+        #: thread shapes the rest), how much shaping it owes, and the signs it last saw.
+        self._share = {c.name: 1.0 for c in self.cameras}
+        self._owed = {c.name: 0.0 for c in self.cameras}
+        self._seen = {c.name: (0, 0) for c in self.cameras}
+        #: Times the inference thread found no crop waiting.
+        self._starved = 0
         #: Crops per frame, by camera.
         self._crops_per_frame = {name: len(rois) or 1 for name, rois in self._rois.items()}
         #: The regions' boxes by camera and frame size (computed once per size).
@@ -92,6 +103,7 @@ class Batcher:
         """Wait until crops are waiting, a :meth:`notify`, ``stop`` or ``timeout``."""
         with self._ready:
             if not stop.is_set() and self.pending() == 0:
+                self._starved += 1
                 self._ready.wait(timeout)
 
     def take_ready(self) -> list[Item]:
@@ -196,6 +208,8 @@ class Batcher:
         boxes = self._boxes(camera, image)
         if not self._worth_preparing([box for _, box in boxes], engine.input_spec):
             return None
+        if self._camera[camera].pulled and not self._shapes_here(camera):
+            return None
         try:
             images = engine.shape_many([crop(image, box) for _, box in boxes])
             shaped = {name: shaped for (name, _), shaped in zip(boxes, images, strict=True)}
@@ -208,6 +222,37 @@ class Batcher:
             )
             return None
         return Prepared(engine.input_spec, shaped)
+
+    def shaping_share(self, camera: str) -> float:
+        """The share of a pulled file's frames its own thread shapes now (0 to 1)."""
+        return self._share[camera]
+
+    def _shapes_here(self, camera: str) -> bool:
+        """Whether a pulled file's thread shapes this frame itself, or leaves it to the
+        inference thread (on the camera's thread, after it waited for the take).
+
+        The two threads run one after the other's pace: a file decoded on one thread takes
+        about as long a frame as shaping a 720x720 region by area averaging and invoking. With
+        one camera the camera's thread is then the slower one if it shapes, the inference
+        thread waits (workload 2 area x1: 487-501 labels/s shaped on the camera's thread,
+        647-697 on the inference thread); with four, the inference thread is if it shapes all
+        of them (364-375 against 625-630). So the share moves with what each thread shows:
+        up when the camera waited for its last frame to be taken, down when the inference
+        thread waited for crops, and the frames are split by that share.
+        """
+        waits, starved = self._camera[camera].take_waits, self._starved
+        seen_waits, seen_starved = self._seen[camera]
+        share = self._share[camera]
+        if waits != seen_waits:
+            share = min(1.0, share + SHARE_STEP)
+        if starved != seen_starved:
+            share = max(0.0, share - SHARE_STEP)
+        self._seen[camera] = (waits, starved)
+        self._share[camera] = share
+        owed = self._owed[camera] + share
+        here = owed >= 1.0 - 1e-9
+        self._owed[camera] = owed - 1.0 if here else owed
+        return here
 
     @staticmethod
     def _worth_preparing(boxes: list[tuple[int, int, int, int]], spec: InputSpec) -> bool:

@@ -107,6 +107,9 @@ class Camera:
         #: True while the source is a file read as fast as it decodes, frame by frame as they
         #: are taken (see ``_read_loop``).
         self.pulled = False
+        #: Times a pulled file's next frame was decoded before its last one was taken (its
+        #: thread then waits for the take: inference is the slower).
+        self.take_waits = 0
         self.frames_read = 0
         self.frames_skipped = 0
         self.reopens = 0
@@ -353,6 +356,8 @@ class Camera:
         """Block until the last frame offered was taken (or the camera paused); False on stop.
         Waiting for inference is no stall: the frame clock is kept fresh meanwhile."""
         with self._lock:
+            if self._seq != self._taken and not self.paused:
+                self.take_waits += 1
             while self._seq != self._taken and not self.paused:
                 if self._stop.is_set():
                     return False

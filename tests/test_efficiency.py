@@ -398,6 +398,51 @@ def test_large_regions_are_shaped_on_the_camera_thread_for_the_model_that_runs(
     assert out2.predictions[0].top == out.predictions[0].top
 
 
+def test_a_pulled_file_shapes_on_whichever_thread_is_waiting(digits_engine: Engine) -> None:
+    frame = np.random.default_rng(7).integers(0, 255, (480, 640, 3), dtype=np.uint8)
+    cam = Camera("c", CameraSettings(source="/tmp/c.mp4", rois={}))
+    live = Camera("live", CameraSettings(source="/dev/video0", rois={}))
+    batcher = Batcher([cam, live], max_batch=8, max_delay_s=0.0)
+    stop = threading.Event()
+
+    def shaped_here(frames: int) -> list[bool]:
+        return [batcher.prepare("c", frame, digits_engine) is not None for _ in range(frames)]
+
+    def camera_waits_for_the_take() -> None:
+        offered(cam, cam.frames_read)
+        waiting = threading.Thread(target=cam._wait_until_taken)
+        waiting.start()
+        assert wait_until(lambda: cam.take_waits > waits, timeout=5)
+        assert cam.take() is not None
+        waiting.join(5)
+
+    cam.pulled = True
+    assert shaped_here(3) == [True] * 3  # at first its own thread shapes, as a live one does
+    # The inference thread finds no crop waiting before each frame: it takes the shaping over.
+    for _ in range(25):
+        batcher.wait(stop, 0.0)
+        batcher.prepare("c", frame, digits_engine)
+    assert batcher.shaping_share("c") == 0.0
+    assert shaped_here(5) == [False] * 5
+    # Now the camera waits for its frames to be taken: it shapes half of them, then all.
+    for _ in range(10):
+        waits = cam.take_waits
+        camera_waits_for_the_take()
+        batcher.prepare("c", frame, digits_engine)
+    assert batcher.shaping_share("c") == pytest.approx(0.5)
+    assert shaped_here(4).count(True) == 2
+    # Both wait as often: the share stays.
+    waits = cam.take_waits
+    camera_waits_for_the_take()
+    batcher.wait(stop, 0.0)
+    batcher.prepare("c", frame, digits_engine)
+    assert batcher.shaping_share("c") == pytest.approx(0.5)
+    # A live source's frames are shaped on its own thread whatever the inference thread does.
+    for _ in range(25):
+        batcher.wait(stop, 0.0)
+        assert batcher.prepare("live", frame, digits_engine) is not None
+
+
 # --- live frames classified on the camera's own thread -----------------------------------------
 
 
