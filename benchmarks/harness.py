@@ -43,7 +43,7 @@ from edge_daemon.prediction import Prediction
 from edge_daemon.preprocess import as_image, crop
 from edge_daemon.publisher import Publisher
 from edge_daemon.settings import CameraSettings
-from edge_daemon.sources import decoding_shares
+from edge_daemon.sources import decoding_shares, quiet_opencv
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HOST, PORT = "127.0.0.1", 1883
@@ -532,6 +532,7 @@ def still_scene(tiny: bool, warmup: float, window: float) -> dict[str, Run]:
 
 
 def main() -> None:
+    quiet_opencv(debug=False)  # as the daemon: its warnings about FFmpeg's locks, every open
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a quick run: seconds per case")
     parser.add_argument("--out", type=Path, default=RESULTS)
