@@ -231,14 +231,14 @@ class Batcher:
         """Whether a pulled file's thread shapes this frame itself, or leaves it to the
         inference thread (on the camera's thread, after it waited for the take).
 
-        The two threads run one after the other's pace: a file decoded on one thread takes
-        about as long a frame as shaping a 720x720 region by area averaging and invoking. With
-        one camera the camera's thread is then the slower one if it shapes, the inference
-        thread waits (workload 2 area x1: 487-501 labels/s shaped on the camera's thread,
-        647-697 on the inference thread); with four, the inference thread is if it shapes all
-        of them (364-375 against 625-630). So the share moves with what each thread shows:
-        up when the camera waited for its last frame to be taken, down when the inference
-        thread waited for crops, and the frames are split by that share.
+        A pulled file goes at the pace of the slower of the two threads. Decoding a frame on
+        one thread takes about as long as shrinking a 720x720 region by area averaging and
+        invoking. With one camera, its thread is the slower one when it also shapes, and the
+        inference thread waits (workload 2 area x1: 487-501 labels/s shaped on the camera's
+        thread, 647-697 on the inference thread); with four cameras, the inference thread is
+        the slower one when it shapes them all (364-375 against 625-630). So the share follows
+        whichever thread waits: up when the camera waited for its last frame to be taken, down
+        when the inference thread waited for crops, and the frames are split by that share.
         """
         waits, starved = self._camera[camera].take_waits, self._starved
         seen_waits, seen_starved = self._seen[camera]
