@@ -42,8 +42,7 @@ from edge_daemon.postprocess import Class
 from edge_daemon.prediction import Prediction
 from edge_daemon.preprocess import as_image, crop
 from edge_daemon.publisher import Publisher
-from edge_daemon.settings import CameraSettings
-from edge_daemon.sources import decoding_shares, quiet_opencv
+from edge_daemon.sources import decoding_threads, quiet_opencv
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HOST, PORT = "127.0.0.1", 1883
@@ -344,8 +343,7 @@ def stages(w: Workload, seconds: float) -> dict[str, float]:
     capture.release()
     # Also as the daemon decodes: on its share of the cores (one thread a camera on 2 cores)
     # instead of FFmpeg's default of one per core.
-    cameras = {f"cam{i}": CameraSettings(source=str(w.clip)) for i in range(w.cameras)}
-    threads = decoding_shares(cameras)["cam0"].decode_threads or 0
+    threads = decoding_threads(w.cameras)
     capture = cv2.VideoCapture(str(w.clip), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, threads])
     wall, cpu = timed_cpu(decode, seconds)
     capture.release()

@@ -13,6 +13,8 @@ from typing import Any
 #: Issue 10's targets.
 ONE_CAMERA, FOUR_CAMERAS, OF_SLOWEST = 1.0, 1.3, 0.85
 LIVE_P99_MARGIN_MS, GROWTH, FIRST_LABEL, RSS_MB = 5.0, 0.20, 1.5, 150.0
+#: The workloads measured in labels a second against the naive loop.
+THROUGHPUT = ("1 inference-bound", "2 balanced", "3 many regions")
 
 
 def verdict(ok: bool) -> str:
@@ -52,7 +54,7 @@ def _cores_table(report: dict[str, Any]) -> list[str]:
         "| workload | naive | its broker + subscriber | daemon | its broker + subscriber |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for group in ("1 inference-bound", "2 balanced", "3 many regions"):
+    for group in THROUGHPUT:
         for e in report["workloads"].get(group, []):
             cells = []
             for who in ("naive", "daemon"):
@@ -68,7 +70,7 @@ def _decode_table(report: dict[str, Any]) -> list[str]:
     """Decode alone as FFmpeg threads it by default and as the daemon does, where decoding
     is the slowest stage."""
     rows = []
-    for group in ("1 inference-bound", "2 balanced", "3 many regions"):
+    for group in THROUGHPUT:
         for e in report["workloads"].get(group, []):
             st = e["stages"]
             if "decode_daemon" not in st or slowest(st)[0] != "decode":
@@ -114,7 +116,7 @@ def table(report: dict[str, Any]) -> str:
     )
     add("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     cores = int(report["machine"]["cores"] or 1)
-    for group in ("1 inference-bound", "2 balanced", "3 many regions"):
+    for group in THROUGHPUT:
         for e in report["workloads"].get(group, []):
             stage, bound = slowest(e["stages"])
             naive, daemon = e["naive"]["labels_per_s"], e["daemon"]["labels_per_s"]
@@ -330,7 +332,7 @@ def chart(report: dict[str, Any], path: Path) -> None:
 
 def _throughput(ax: Any, report: dict[str, Any]) -> None:
     names, ratios, targets = [], [], []
-    for group in ("1 inference-bound", "2 balanced", "3 many regions"):
+    for group in THROUGHPUT:
         for e in report["workloads"].get(group, []):
             names.append(e["name"])
             ratios.append(e["daemon"]["labels_per_s"] / max(e["naive"]["labels_per_s"], 1e-9))

@@ -133,10 +133,11 @@ class CameraSettings(Group):
     @model_validator(mode="after")
     def _decoder(self) -> CameraSettings:
         if self.decode_threads is not None and not decoded_by_ffmpeg(self.source):
+            kind = source_kind(self.source)
             raise ValueError(
-                f"DECODE_THREADS: only files and streams are decoded by FFmpeg, not a "
-                f"{source_kind(self.source)} source; remove it"
-                + (" and set the decoder's threads in the pipeline" if "!" in self.source else "")
+                f"DECODE_THREADS: only files and streams are decoded by FFmpeg, not a {kind} "
+                "source; remove it"
+                + (" and set the decoder's threads in the pipeline" if kind == "gstreamer" else "")
             )
         return self
 

@@ -162,6 +162,12 @@ def require_backends(cameras: dict[str, CameraSettings]) -> None:
         raise ConfigError(problems[0], problems)
 
 
+def decoding_threads(cameras: int) -> int:
+    """Threads for each of ``cameras`` decoded by FFmpeg: the cores this process may use but
+    one, shared among them, at least one each (see :func:`decoding_shares`)."""
+    return max(1, (len(os.sched_getaffinity(0)) - 1) // max(cameras, 1))
+
+
 def decoding_shares(cameras: dict[str, CameraSettings]) -> dict[str, CameraSettings]:
     """``cameras`` with each FFmpeg-decoded camera's unset ``decode_threads`` filled in: the
     cores this process may use but one, shared among those cameras, at least one each.
@@ -175,7 +181,7 @@ def decoding_shares(cameras: dict[str, CameraSettings]) -> dict[str, CameraSetti
     decoded = [name for name, camera in cameras.items() if decoded_by_ffmpeg(camera.source)]
     if not decoded:
         return cameras
-    each = max(1, (len(os.sched_getaffinity(0)) - 1) // len(decoded))
+    each = decoding_threads(len(decoded))
     return {
         name: camera.model_copy(update={"decode_threads": each})
         if name in decoded and camera.decode_threads is None
@@ -201,9 +207,8 @@ def open_source(settings: CameraSettings) -> VideoSource:
     """Open a source with OpenCV, passing timeouts and hints where the backend takes them."""
     source = settings.source.strip()
     kind = source_kind(source)
-    if decoded_by_ffmpeg(source) and settings.decode_threads is None:
-        settings = decoding_shares({"": settings})[""]
-    threads = [cv2.CAP_PROP_N_THREADS, settings.decode_threads or 0]
+    # Unset when opened without the daemon sharing the cores out (``collect``): one camera's.
+    threads = [cv2.CAP_PROP_N_THREADS, settings.decode_threads or decoding_threads(1)]
     if kind == "device":
         capture = _open_device(source, settings)
     elif kind == "gstreamer":
