@@ -110,7 +110,7 @@ def run_checks(env_file: Path | None, timeout: float) -> int:
     ]
     try:
         engine = load_engine(settings)
-        report.append(f"model: ok, {model_summary(engine)}")
+        report.append(f"model: ok, {model_summary(engine)}; {engine.threads.describe()}")
     except EdgeDaemonError as exc:
         problems.append(f"model: {exc}")
     cameras = decoding_shares(settings.cameras or sample_camera())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 import traceback
 from collections import OrderedDict
@@ -49,11 +50,23 @@ from edge_daemon.runtime import (
     read_model,
 )
 from edge_daemon.settings import Settings
+from edge_daemon.threads import ThreadChoice
 
 log = logging.getLogger(__name__)
 
-#: Interpreters kept, one per batch size used; more sizes than this resize the oldest.
+#: Interpreters kept, one per batch size (and thread count) used; more than this resize the
+#: oldest.
 MAX_INTERPRETERS = 8
+
+
+def thread_options(num_threads: int | None, use_edgetpu: bool) -> tuple[int | None, ...]:
+    """The interpreter threads to choose between: the setting when there is one (or on an
+    Edge TPU, where the CPU's threads do not run the model); else the runtime's default of
+    one, or every core this process may use (:mod:`edge_daemon.threads`)."""
+    cores = len(os.sched_getaffinity(0))
+    if num_threads is not None or use_edgetpu or cores < 2:
+        return (num_threads,)
+    return (None, cores)
 
 
 def _quantization(detail: dict[str, Any]) -> Quantization | None:
@@ -175,8 +188,12 @@ class Engine:
         #: Batches run in one call (a dynamic batch on the CPU); otherwise image by image. An
         #: Edge TPU runs one image at a time, and more interpreters would fight over its cache.
         self.batched = self.input_spec.dynamic_batch and not use_edgetpu
-        #: Interpreters by the batch size their input is shaped for, least recently used first.
-        self._interpreters: OrderedDict[int, Any] = OrderedDict({self._first_size: first})
+        #: Interpreters by the batch size their input is shaped for and their threads, least
+        #: recently used first.
+        self._first_key = (self._first_size, num_threads)
+        self._interpreters: OrderedDict[tuple[int, int | None], Any] = OrderedDict(
+            {self._first_key: first}
+        )
         #: Interpreters made or resized for a new batch size since loading.
         self.resizes = 0
         #: Set once any output showed values outside 0..1: the model gives logits.
@@ -188,6 +205,9 @@ class Engine:
         )
         #: Whether ``infer`` runs several crops as one batch (learnt per size in ``auto``).
         self.batching = BatchChoice("auto", self.name)
+        #: How many threads :meth:`infer_shaped` runs the interpreter on: the setting here; the
+        #: daemon's engine learns it when unset (:func:`load_engine`).
+        self.threads = ThreadChoice((num_threads,), self.name)
         #: The size of the batch the last call ran in (1: one by one).
         self.last_batch = 1
 
@@ -274,6 +294,7 @@ class Engine:
         which may have been replaced since (by a model a reload refused, say)."""
         engine = Engine(self.model_path, content=self._content, **self._made_with)
         engine.batching = BatchChoice(self.batching.mode, engine.name)
+        engine.threads = ThreadChoice(self.threads.options, engine.name)
         return engine
 
     @property
@@ -284,37 +305,42 @@ class Engine:
     @property
     def interpreter(self) -> Any:
         """The interpreter loaded first (batch 1); it is never resized or dropped."""
-        return self._interpreters[self._first_size]
+        return self._interpreters[self._first_key]
 
-    def _interpreter_for(self, size: int) -> Any:
-        """An interpreter whose input holds ``size`` images: kept from an earlier batch of
-        that size, or made now. Resizing re-plans memory, so alternating sizes must not resize
-        on every batch; past ``MAX_INTERPRETERS`` sizes, the least recently used is resized."""
-        kept = self._interpreters.get(size)
+    def _interpreter_for(self, size: int, threads: int | None) -> Any:
+        """An interpreter on ``threads`` whose input holds ``size`` images: kept from an
+        earlier batch of that size, or made now. Resizing re-plans memory, so alternating sizes
+        must not resize on every batch; past ``MAX_INTERPRETERS``, the least recently used is
+        resized (or, on other threads, replaced)."""
+        key = (size, threads)
+        kept = self._interpreters.get(key)
         if kept is not None:
-            self._interpreters.move_to_end(size)
+            self._interpreters.move_to_end(key)
             return kept
         started = time.perf_counter()
+        interpreter = None
         if len(self._interpreters) >= MAX_INTERPRETERS:
-            oldest = next(s for s in self._interpreters if s != self._first_size)
-            interpreter = self._interpreters.pop(oldest)
-        else:
+            oldest = next(k for k in self._interpreters if k != self._first_key)
+            dropped = self._interpreters.pop(oldest)
+            interpreter = dropped if oldest[1] == threads else None
+        if interpreter is None:
             interpreter = make_interpreter(
                 self.model_path,
                 runtime=self.runtime,
                 content=self._content,
-                num_threads=self._num_threads,
+                num_threads=threads,
                 verify=False,  # the same bytes were checked when the engine loaded
             )
         shape = [size, self.input_spec.height, self.input_spec.width, self.input_spec.channels]
         interpreter.resize_tensor_input(self._input["index"], shape, strict=True)
         interpreter.allocate_tensors()
         self.resizes += 1
-        self._interpreters[size] = interpreter
+        self._interpreters[key] = interpreter
         log.debug(
-            "%s: interpreter for batch %d ready in %.1f ms",
+            "%s: interpreter for batch %d on %s thread(s) ready in %.1f ms",
             self.name,
             size,
+            threads or 1,
             (time.perf_counter() - started) * 1000,
         )
         return interpreter
@@ -349,7 +375,7 @@ class Engine:
 
         n = batch.shape[0]
         if self.batched:
-            return self._invoke(self._interpreter_for(n), copy_from(batch))
+            return self._invoke(self._interpreter_for(n, self._num_threads), copy_from(batch))
         one = self.interpreter
         return np.concatenate([self._invoke(one, copy_from(batch[i : i + 1])) for i in range(n)])
 
@@ -399,20 +425,27 @@ class Engine:
         started = time.perf_counter()
         batched = self.batched and self.batching.batch(n)
         self.last_batch = n if batched else 1
+        threads = self.threads.current
         if batched:
-            out = self._invoke(self._interpreter_for(n), fill_all)
+            out = self._invoke(self._interpreter_for(n, threads), fill_all)
         else:
 
             def fill_one(image: Image) -> Callable[[npt.NDArray[np.generic]], None]:
                 return lambda view: lookup_into(table, image, view[0])
 
-            one = self.interpreter
+            one = (
+                self.interpreter
+                if threads == self._num_threads
+                else self._interpreter_for(self._first_size, threads)
+            )
             if n == 1:
                 out = self._invoke(one, fill_one(shaped[0]))
             else:
                 out = np.concatenate([self._invoke(one, fill_one(image)) for image in shaped])
+        ended = time.perf_counter()
         if self.batched:
-            self.batching.record(n, batched, time.perf_counter() - started)
+            self.batching.record(n, batched, ended - started)
+        self.threads.record(n, ended - started, ended)
         return out
 
     def probabilities(self, raw: npt.NDArray[np.generic]) -> postprocess.Scores:
@@ -444,6 +477,8 @@ def load_engine(settings: Settings) -> Engine:
     """Load the configured model; on the Edge TPU, fall back to a CPU model when one is set."""
     engine = _load_engine(settings)
     engine.batching = BatchChoice(settings.inference.batching, engine.name)
+    threads = settings.model.num_threads
+    engine.threads = ThreadChoice(thread_options(threads, engine.on_edgetpu), engine.name)
     return engine
 
 

@@ -14,17 +14,18 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_daemon import batching, capture, inference, pipeline, sources
+from edge_daemon import batching, capture, inference, pipeline, sources, threads
 from edge_daemon.batcher import Batcher, Item
 from edge_daemon.batching import BatchChoice
 from edge_daemon.capture import Camera, Frame
 from edge_daemon.config import load_settings
-from edge_daemon.engine import Engine, load_engine
+from edge_daemon.engine import Engine, load_engine, thread_options
 from edge_daemon.errors import CaptureError
 from edge_daemon.inference import InferenceStage
 from edge_daemon.pipeline import Daemon
 from edge_daemon.prediction import Prediction
 from edge_daemon.settings import CameraSettings
+from edge_daemon.threads import ThreadChoice
 from tests.helpers import (
     FakeCapture,
     digit_frames,
@@ -84,6 +85,92 @@ def test_on_and_off_never_learn() -> None:
     assert learn(BatchChoice("on"), 3, 0.01, 0.02, 5) == [True] * 5
     assert learn(BatchChoice("off"), 3, 0.02, 0.01, 5) == [False] * 5
     assert BatchChoice("on").batch(1) is False
+
+
+# --- choosing the interpreter's threads --------------------------------------------------------
+
+
+def run_rounds(
+    choice: ThreadChoice, seconds: float, rates: dict[int | None, float], busy: float, start: float
+) -> list[int | None]:
+    """``seconds`` of rounds of 4 images at ``rates[threads]`` images a second, inferring for
+    ``busy`` of the time, on a made-up clock from ``start``; the threads of each round."""
+    now, used = start, []
+    while now < start + seconds:
+        period = 4 / rates[choice.current]
+        used.append(choice.current)
+        now += period
+        choice.record(4, period * busy, now)
+    return used
+
+
+def test_more_interpreter_threads_are_kept_only_where_they_classify_more() -> None:
+    # Inference is the bottleneck and two threads classify 60% more: tried, then kept.
+    faster = ThreadChoice((None, 2))
+    used = run_rounds(faster, 10, {None: 100, 2: 160}, busy=0.95, start=0)
+    assert used[0] is None
+    assert faster.current == 2
+    assert used[-100:] == [2] * 100  # kept, not tried again before RECHECK_S
+    # Two threads take a core the decoders needed: fewer images a second, so back to one.
+    slower = ThreadChoice((None, 2))
+    used = run_rounds(slower, 10, {None: 400, 2: 360}, busy=0.95, start=0)
+    assert 2 in used
+    assert slower.current is None
+    # One trial: a window discarded (the switch) and one counted, each ending on a round.
+    assert used.count(2) <= 2 * (threads.WINDOW_S * 360 / 4 + 1)
+    assert used[-500:] == [None] * 500
+    # Within the margin: one thread stays.
+    level = ThreadChoice((None, 2))
+    run_rounds(level, 10, {None: 100, 2: 110}, busy=0.95, start=0)
+    assert level.current is None
+    # Inference idles half the time: it is not what holds the pipeline back, never tried.
+    idle = ThreadChoice((None, 2))
+    assert set(run_rounds(idle, 10, {None: 100, 2: 400}, busy=0.5, start=0)) == {None}
+    # A number set by hand is never changed.
+    fixed = ThreadChoice((3,))
+    assert set(run_rounds(fixed, 10, {3: 100}, busy=1.0, start=0)) == {3}
+
+
+def test_the_thread_choice_is_made_again_after_recheck_s(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(threads, "RECHECK_S", 20.0)
+    choice = ThreadChoice((None, 2))
+    run_rounds(choice, 10, {None: 100, 2: 160}, busy=0.95, start=0)
+    assert choice.current == 2
+    # The decoders got busier: two threads now barely beat one. Checked again, dropped; and
+    # tried again (while on two threads) even though inference no longer fills the thread.
+    used = run_rounds(choice, 40, {None: 100, 2: 105}, busy=0.6, start=10)
+    assert choice.current is None
+    assert used[0] == 2
+
+
+def test_the_daemons_engine_chooses_its_threads_only_when_unset(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert thread_options(None, use_edgetpu=False) == (None, 4)
+    assert thread_options(2, use_edgetpu=False) == (2,)
+    assert thread_options(None, use_edgetpu=True) == (None,)  # the TPU runs the model
+    assert load_engine(load_settings()).threads.options == (None, 4)
+    monkeypatch.setenv("EDGE_MODEL__NUM_THREADS", "3")
+    assert load_engine(load_settings()).threads.options == (3,)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert thread_options(None, use_edgetpu=False) == (None,)
+
+
+def test_the_engine_gives_the_same_scores_on_more_threads(digits_engine: Engine) -> None:
+    crops = digit_frames(6, 96)
+    digits_engine.threads = ThreadChoice((None, 2))
+    for mode in ("off", "on"):
+        digits_engine.batching = BatchChoice(mode)
+        one = digits_engine.classify(crops)
+        digits_engine.threads.current = 2
+        two = digits_engine.classify(crops)
+        digits_engine.threads.current = None
+        np.testing.assert_array_equal(one, two)
+    # Interpreters on two threads were made beside the first, for one image and for six.
+    assert {(1, 2), (6, 2), (1, None), (6, None)} <= set(digits_engine._interpreters)
 
 
 def test_the_engine_gives_the_same_scores_batched_or_one_by_one(digits_engine: Engine) -> None:
