@@ -87,7 +87,7 @@ class ModelSettings(Group):
     """TFLite runtime; auto tries tflite_runtime, then ai_edge_litert, then tensorflow."""
     num_threads: int | None = Field(default=None, ge=1, le=64)
     """Interpreter threads (default: one, or every core the process may use while inference
-    is the bottleneck and they classify at least 15% more images a second, measured on the
+    is the bottleneck and they classify at least 25% more images a second, measured on the
     running pipeline and again every 5 minutes)."""
     delegate: Literal["cpu", "edgetpu"] = "cpu"
     """``cpu``, or ``edgetpu`` for a Coral (the model must be compiled for it)."""

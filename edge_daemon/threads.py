@@ -5,10 +5,11 @@ decoding: a second thread only takes a core from the decoders (``make bench`` wo
 720p camera: 400 labels a second on one thread, 355 on two, though each invoke was faster).
 When inference is the bottleneck and the other cores idle, more threads pay (workload 1,
 MobileNetV2 224: 94 labels a second on one thread, 153 on two). Which one holds can only be
-told from the pipeline itself, so in ``auto`` mode: while inference keeps the thread busy, the
-images classified a second are counted for a window on one thread, then on every core the
-process may use, and the cores are kept only when they give ``GAIN`` times as many. The choice
-is made again every ``RECHECK_S``, since the load changes. Nothing is run only to measure.
+told from the pipeline itself, so unless the threads are set: while inference keeps its thread
+busy, the images classified a second are counted for a window on one thread, then on every
+core the process may use, and the cores are kept only when they give ``GAIN`` times as many.
+The choice is made again every ``RECHECK_S``, since the load changes. Nothing is run only to
+measure.
 """
 
 from __future__ import annotations
@@ -17,12 +18,17 @@ import logging
 
 log = logging.getLogger(__name__)
 
-#: Seconds of rounds each rate is counted over.
-WINDOW_S = 1.0
+#: Seconds of rounds each rate is counted over (1-second windows varied by 15% on a busy
+#: 2-core machine).
+WINDOW_S = 2.0
+#: Seconds not counted at the start (the first rounds make interpreters and learn batching)
+#: and after a switch (an interpreter is made for the other threads).
+WARMUP_S = 1.0
+SETTLE_S = 0.2
 #: The share of a window spent inferring from which inference counts as the bottleneck.
 BUSY = 0.8
 #: More threads are kept only when they classify at least this many times as many images.
-GAIN = 1.15
+GAIN = 1.25
 #: Seconds after a decision before it is tried again.
 RECHECK_S = 300.0
 
@@ -40,11 +46,12 @@ class ThreadChoice:
         self._trying = False
         self._baseline = 0.0
         self._next_try = 0.0
+        #: The window being counted: when it began, its images, its seconds of inference.
         self._start: float | None = None
         self._images = 0
         self._busy = 0.0
-        #: The next window is skipped: it holds the switch (a new interpreter is made).
-        self._discard = True
+        #: Rounds ending before this are not counted (None: not started).
+        self._quiet_until: float | None = None
 
     @property
     def learning(self) -> bool:
@@ -65,6 +72,10 @@ class ThreadChoice:
         a monotonic clock)."""
         if not self.learning:
             return
+        if self._quiet_until is None:
+            self._quiet_until = now + WARMUP_S
+        if now < self._quiet_until:
+            return
         if self._start is None:
             self._start = now - seconds
         self._images += images
@@ -73,10 +84,7 @@ class ThreadChoice:
         if elapsed < WINDOW_S:
             return
         rate, busy = self._images / elapsed, self._busy / elapsed
-        self._start, self._images, self._busy = now, 0, 0.0
-        if self._discard:
-            self._discard = False
-            return
+        self._start, self._images, self._busy = None, 0, 0.0
         if self._trying:
             self._decide(rate, now)
         elif now >= self._next_try and (busy >= BUSY or self.current != self.options[0]):
@@ -84,7 +92,7 @@ class ThreadChoice:
             self._baseline = rate
             self._trying = True
             self.current = self._other(self.current)
-            self._discard = True
+            self._quiet_until = now + SETTLE_S
 
     def _other(self, threads: int | None) -> int | None:
         return self.options[1] if threads == self.options[0] else self.options[0]
@@ -98,7 +106,7 @@ class ThreadChoice:
         self._settled = self.current = chosen
         self._trying = False
         self._next_try = now + RECHECK_S
-        self._discard = True
+        self._quiet_until = now + SETTLE_S
         log.log(
             logging.INFO if changed else logging.DEBUG,
             "%s: inference on %s (%.0f images/s on %d threads, %.0f on 1)",
