@@ -445,8 +445,17 @@ class Engine:
         ended = time.perf_counter()
         if self.batched:
             self.batching.record(n, batched, ended - started)
+        decisions = self.threads.decisions
         self.threads.record(n, ended - started, ended)
+        if self.threads.decisions != decisions:
+            self._drop_other_threads(self.threads.current)
         return out
+
+    def _drop_other_threads(self, threads: int | None) -> None:
+        """Drop the interpreters made for threads no longer used (their memory, their idle
+        worker threads), except the first, which is never dropped."""
+        for key in [k for k in self._interpreters if k[1] != threads and k != self._first_key]:
+            del self._interpreters[key]
 
     def probabilities(self, raw: npt.NDArray[np.generic]) -> postprocess.Scores:
         """Class probabilities in [0, 1] from raw output; rows with NaN or infinity stay

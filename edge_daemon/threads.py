@@ -42,6 +42,8 @@ class ThreadChoice:
         self.name = name
         #: The threads rounds run on now.
         self.current = options[0]
+        #: Decisions made so far (the engine then drops interpreters on the other threads).
+        self.decisions = 0
         self._settled = options[0]
         self._trying = False
         self._baseline = 0.0
@@ -105,6 +107,7 @@ class ThreadChoice:
         changed = chosen != self._settled
         self._settled = self.current = chosen
         self._trying = False
+        self.decisions += 1
         self._next_try = now + RECHECK_S
         self._quiet_until = now + SETTLE_S
         log.log(

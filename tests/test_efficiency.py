@@ -173,6 +173,28 @@ def test_the_engine_gives_the_same_scores_on_more_threads(digits_engine: Engine)
     assert {(1, 2), (6, 2), (1, None), (6, None)} <= set(digits_engine._interpreters)
 
 
+def test_the_engine_drops_interpreters_on_threads_it_stopped_using(
+    digits_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(threads, "WARMUP_S", 0.0)
+    monkeypatch.setattr(threads, "SETTLE_S", 0.0)
+    monkeypatch.setattr(threads, "WINDOW_S", 0.3)
+    monkeypatch.setattr(threads, "BUSY", 0.0)  # every window counts as busy
+    monkeypatch.setattr(threads, "GAIN", 1e9)  # two threads never pay
+    digits_engine.threads = ThreadChoice((None, 2))
+    digits_engine.batching = BatchChoice("on")
+    crops = [digits_engine.shape(crop) for crop in digit_frames(4, 96)]
+    seen = set()
+    deadline = time.monotonic() + 10
+    while digits_engine.threads.decisions == 0 and time.monotonic() < deadline:
+        digits_engine.infer_shaped(crops)
+        seen |= set(digits_engine._interpreters)
+    assert digits_engine.threads.decisions == 1
+    assert digits_engine.threads.current is None
+    assert (4, 2) in seen  # tried on two threads, for real
+    assert set(digits_engine._interpreters) == {(1, None), (4, None)}
+
+
 def test_the_engine_gives_the_same_scores_batched_or_one_by_one(digits_engine: Engine) -> None:
     crops = digit_frames(6, 96)
     digits_engine.batching = BatchChoice("off")
