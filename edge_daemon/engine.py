@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 import traceback
 from collections import OrderedDict
@@ -50,7 +49,7 @@ from edge_daemon.runtime import (
     read_model,
 )
 from edge_daemon.settings import Settings
-from edge_daemon.threads import ThreadChoice
+from edge_daemon.threads import ThreadChoice, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,7 @@ def thread_options(num_threads: int | None, use_edgetpu: bool) -> tuple[int | No
     """The interpreter threads to choose between: the setting when there is one (or on an
     Edge TPU, where the CPU's threads do not run the model); else the runtime's default of
     one, or every core this process may use (:mod:`edge_daemon.threads`)."""
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     if num_threads is not None or use_edgetpu or cores < 2:
         return (num_threads,)
     return (None, cores)
@@ -433,11 +432,7 @@ class Engine:
             def fill_one(image: Image) -> Callable[[npt.NDArray[np.generic]], None]:
                 return lambda view: lookup_into(table, image, view[0])
 
-            one = (
-                self.interpreter
-                if threads == self._num_threads
-                else self._interpreter_for(self._first_size, threads)
-            )
+            one = self._interpreter_for(self._first_size, threads)
             if n == 1:
                 out = self._invoke(one, fill_one(shaped[0]))
             else:

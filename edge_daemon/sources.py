@@ -27,6 +27,7 @@ import cv2
 from edge_daemon.camera_settings import decoded_by_ffmpeg, source_kind
 from edge_daemon.errors import CaptureError, ConfigError
 from edge_daemon.settings import CameraSettings
+from edge_daemon.threads import usable_cores
 
 os.environ.setdefault("OPENCV_FFMPEG_IS_THREAD_SAFE", "1")
 
@@ -165,7 +166,7 @@ def require_backends(cameras: dict[str, CameraSettings]) -> None:
 def decoding_threads(cameras: int) -> int:
     """Threads for each of ``cameras`` decoded by FFmpeg: the cores this process may use but
     one, shared among them, at least one each (see :func:`decoding_shares`)."""
-    return max(1, (len(os.sched_getaffinity(0)) - 1) // max(cameras, 1))
+    return max(1, (usable_cores() - 1) // max(cameras, 1))
 
 
 def decoding_shares(cameras: dict[str, CameraSettings]) -> dict[str, CameraSettings]:

@@ -15,6 +15,7 @@ measure.
 from __future__ import annotations
 
 import logging
+import os
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,12 @@ GAIN = 1.25
 RECHECK_S = 300.0
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container or systemd's
+    ``CPUAffinity=`` may narrow), shared out among FFmpeg's decoders and the interpreter."""
+    return len(os.sched_getaffinity(0))
+
+
 class ThreadChoice:
     """Which of ``options`` (interpreter threads; ``None`` is the runtime's default of one)
     runs inference: the first unless more threads measurably classify more."""
@@ -44,7 +51,7 @@ class ThreadChoice:
         self.current = options[0]
         #: Decisions made so far (the engine then drops interpreters on the other threads).
         self.decisions = 0
-        self._settled = options[0]
+        #: Whether ``current`` is being tried (the settled choice is then the other option).
         self._trying = False
         self._baseline = 0.0
         self._next_try = 0.0
@@ -104,8 +111,8 @@ class ThreadChoice:
         on_few = self.current == self.options[0]
         few, many = (rate, self._baseline) if on_few else (self._baseline, rate)
         chosen = self.options[1] if many >= GAIN * few else self.options[0]
-        changed = chosen != self._settled
-        self._settled = self.current = chosen
+        changed = chosen != self._other(self.current)
+        self.current = chosen
         self._trying = False
         self.decisions += 1
         self._next_try = now + RECHECK_S
