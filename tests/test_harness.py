@@ -5,6 +5,7 @@ the table."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import cv2
 import pytest
+
+from benchmarks.harness import Run, median_run, median_stages
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,3 +92,22 @@ def test_a_part_that_does_not_exist_is_refused_in_one_line() -> None:
     assert proc.returncode == 2
     assert "--only: invalid choice: '9'" in proc.stderr
     assert "building" not in proc.stdout  # refused before any work
+
+
+def test_each_figure_is_the_median_of_the_turns() -> None:
+    nan = float("nan")
+    turns = [
+        Run("daemon", labels_per_s=600.0, cpu_percent=180.0, p99_ms=nan, threads=13),
+        Run("daemon", labels_per_s=500.0, cpu_percent=150.0, p99_ms=4.0, threads=12),
+        Run("daemon", labels_per_s=700.0, cpu_percent=170.0, p99_ms=6.0, threads=15),
+    ]
+    run = median_run(turns)
+    assert run.who == "daemon"
+    assert run.labels_per_s == 600.0
+    assert run.cpu_percent == 170.0  # each figure on its own, not the median turn's
+    assert run.p99_ms == 5.0  # the turns that measured it
+    assert run.threads == 13
+    assert isinstance(run.threads, int)
+    assert math.isnan(run.first_label_s)  # no turn measured it
+    stages = median_stages([{"decode": 1.0, "invoke_b4": 5.0}, {"decode": 3.0}, {"decode": 2.0}])
+    assert stages == {"decode": 2.0, "invoke_b4": 5.0}
