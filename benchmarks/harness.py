@@ -10,7 +10,7 @@ take turns three times, sharing the window, and every figure is the median of th
 burst of load from elsewhere on a shared machine lands on both, and on one turn of three);
 each stage alone is measured three times too.
 
-    .venv/bin/python -m benchmarks.harness            # the full run, about 20 minutes
+    .venv/bin/python -m benchmarks.harness            # the full run, about 16 minutes
     .venv/bin/python -m benchmarks.harness --tiny     # seconds per case, the digits model only
 """
 
@@ -307,10 +307,9 @@ def median_run(runs: list[Run]) -> Run:
     """One run whose every figure is the median of ``runs``' (NaN where all are NaN)."""
     out = Run(runs[0].who)
     for f in fields(Run):
-        values = [getattr(r, f.name) for r in runs]
         if f.name == "who":
             continue
-        known = [v for v in values if not math.isnan(v)]
+        known = [v for r in runs if not math.isnan(v := getattr(r, f.name))]
         middle = statistics.median(known) if known else math.nan
         setattr(out, f.name, round(middle) if f.type in ("int", int) else float(middle))
     return out
