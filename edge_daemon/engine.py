@@ -440,9 +440,7 @@ class Engine:
         ended = time.perf_counter()
         if self.batched:
             self.batching.record(n, batched, ended - started)
-        decisions = self.threads.decisions
-        self.threads.record(n, ended - started, ended)
-        if self.threads.decisions != decisions:
+        if self.threads.record(n, ended - started, ended):
             self._drop_other_threads(self.threads.current)
         return out
 

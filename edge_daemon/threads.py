@@ -49,7 +49,7 @@ class ThreadChoice:
         self.name = name
         #: The threads rounds run on now.
         self.current = options[0]
-        #: Decisions made so far (the engine then drops interpreters on the other threads).
+        #: Decisions made so far.
         self.decisions = 0
         #: Whether ``current`` is being tried (the settled choice is then the other option).
         self._trying = False
@@ -76,32 +76,35 @@ class ThreadChoice:
             "and they pay (measured while running)"
         )
 
-    def record(self, images: int, seconds: float, now: float) -> None:
+    def record(self, images: int, seconds: float, now: float) -> bool:
         """A round of ``images`` took ``seconds`` of inference, ending at ``now`` (seconds on
-        a monotonic clock)."""
+        a monotonic clock). True when it completed a choice (the interpreters on the other
+        threads can go)."""
         if not self.learning:
-            return
+            return False
         if self._quiet_until is None:
             self._quiet_until = now + WARMUP_S
         if now < self._quiet_until:
-            return
+            return False
         if self._start is None:
             self._start = now - seconds
         self._images += images
         self._busy += seconds
         elapsed = now - self._start
         if elapsed < WINDOW_S:
-            return
+            return False
         rate, busy = self._images / elapsed, self._busy / elapsed
         self._start, self._images, self._busy = None, 0, 0.0
         if self._trying:
             self._decide(rate, now)
-        elif now >= self._next_try and (busy >= BUSY or self.current != self.options[0]):
+            return True
+        if now >= self._next_try and (busy >= BUSY or self.current != self.options[0]):
             # Inference is the bottleneck (or more threads are in use): try the other way.
             self._baseline = rate
             self._trying = True
             self.current = self._other(self.current)
             self._quiet_until = now + SETTLE_S
+        return False
 
     def _other(self, threads: int | None) -> int | None:
         return self.options[1] if threads == self.options[0] else self.options[0]
