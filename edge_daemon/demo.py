@@ -24,6 +24,7 @@ from edge_daemon.pipeline import Daemon
 from edge_daemon.publisher import close_client
 from edge_daemon.settings import SAMPLE_CLIP
 from edge_daemon.signals import stop_on_signals
+from edge_daemon.sources import quiet_opencv
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class Tally:
 
 def run_demo(duration: float | None, *, debug: bool = False) -> int:
     """Run the demo; returns the exit code."""
-    del debug
+    quiet_opencv(debug)  # as ``run`` does: OpenCV's warnings only with --debug
     broker: PrivateBroker | None = None
     if listening("127.0.0.1", 1883):
         host, port = "127.0.0.1", 1883
