@@ -56,6 +56,10 @@ _seconds = _within(0, 600, "give a time from 0 to 600 seconds")
 _interval = _within(0, 86_400, "give seconds from 0 to 86400")
 _share = _within(0, 1, "give a share from 0 to 1, e.g. 0.08")
 _count = _within(0, 10_000_000, "give a whole number from 1 to 10000000", kind=int)
+#: ``--duration``: leaving it out runs until stopped.
+_duration = _within(
+    0, 31_536_000, "give seconds above 0 and at most 31536000 (a year), or leave it out"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run the daemon until stopped")
     run.add_argument("--env-file", type=Path, help="a file of EDGE_...=value lines")
-    run.add_argument("--duration", type=float, help="stop by itself after this many seconds")
+    run.add_argument("--duration", type=_duration, help="stop by itself after this many seconds")
     check = sub.add_parser("check", help="validate settings, model, sources and broker")
     check.add_argument("--env-file", type=Path, help="a file of EDGE_...=value lines")
     check.add_argument(
@@ -101,7 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     collect.add_argument("dir", type=Path, help="where to save the crops")
     collect.add_argument("--env-file", type=Path, help="a file of EDGE_...=value lines")
-    collect.add_argument("--duration", type=float, help="stop by itself after this many seconds")
+    collect.add_argument(
+        "--duration", type=_duration, help="stop by itself after this many seconds"
+    )
     collect.add_argument(
         "--every", type=_interval, default=10.0, help="seconds between crops of a region (10)"
     )
@@ -130,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the sample clip through the daemon to a subscriber "
         "that prints labels and their accuracy (make run)",
     )
-    demo.add_argument("--duration", type=float, help="stop by itself after this many seconds")
+    demo.add_argument("--duration", type=_duration, help="stop by itself after this many seconds")
     return parser
 
 
