@@ -1,14 +1,15 @@
 """The MQTT side: connection, availability, topics, and a bounded queue that never blocks.
 
 ``publish()`` never blocks. While the broker is connected, nothing is queued and the window has
-room, the caller hands the message to paho itself: a label costs what paho's publish costs.
+room, the caller hands the message to paho itself: a message costs what paho's publish costs.
 Otherwise it goes into a bounded queue that a sender thread hands to paho, keeping at most a
 window of QoS 1/2 messages unacknowledged, so paho's own queue stays small. When the broker is
 slow or away the queue fills and the oldest messages are dropped and counted: live labels want
-the newest. States, events, snapshots and replies go in a second lane (``keep=True``) that is
-sent first and never loses a message to a flood of labels. The retained ``status`` is
-``online`` while connected, with a retained ``offline`` last will, and ``offline`` is published
-before a clean disconnect (the broker sends the will only on an unclean one).
+the newest. States, events, snapshots and replies that cannot go at once wait in a second lane
+(``keep=True``) that is sent first and never loses a message to a flood of labels. The
+retained ``status`` is ``online`` while connected, with a retained ``offline`` last will, and
+``offline`` is published before a clean disconnect (the broker sends the will only on an
+unclean one).
 
 What went wrong with the connection is said by :mod:`edge_daemon.connection`, once per
 reason and never from paho's network thread.
@@ -278,16 +279,20 @@ class Publisher:
         # Kept messages go at least once: a QoS 0 one put back after a broken connection
         # could land in front of the new connection's ``online``.
         message = Message(topic, payload, max(qos, 1) if keep else qos, retain)
-        if not keep and not self._queue and not self._priority:
-            # The common case costs what paho's publish costs: with nothing queued and room in
-            # the window, the caller hands the message to paho itself (no queue, no thread).
-            # (Read without the lock, the lanes only say whether to try: checked again below.)
-            with self._send_lock:
+        # The common case costs what paho's publish costs: with nothing queued and room in the
+        # window, the caller hands the message to paho itself (no queue, no thread to wake).
+        # (Read without the lock, the lanes only say whether to try: checked again below.) A
+        # kept message only tries the lock: paho's own thread publishes some from a callback,
+        # and must not wait for a thread that may be waiting for paho.
+        if not self._queue and not self._priority and self._send_lock.acquire(blocking=not keep):
+            try:
                 with self._cond:
                     direct = not self._queue and not self._priority and self._can_send(True)
                 if direct and self._hand_over(message):
                     return
                 # Not taken (the connection just broke): queued for the next connection.
+            finally:
+                self._send_lock.release()
         with self._cond:
             lane = self._priority if keep else self._queue
             if keep and retain:

@@ -436,6 +436,62 @@ def test_labels_go_to_paho_from_the_caller_in_order_while_connected() -> None:
     assert threading.current_thread().name in callers  # the caller handed most over itself
 
 
+def test_kept_messages_go_to_paho_from_the_caller_and_never_wait_for_the_send_lock() -> None:
+    """States and events cost no wake of the sender thread while nothing waits; and one
+    published while the send lock is held (as from paho's own thread while another hands a
+    message to paho) is queued for the sender instead of waiting."""
+    prefix = unique_prefix()
+    with subscriber(prefix) as sub:
+        daemon = Daemon(settings_for(prefix))
+        publisher = daemon.publisher
+        callers: list[str] = []
+        real = publisher._hand_over
+
+        def hand_over(message: Any) -> bool:
+            callers.append(threading.current_thread().name)
+            return real(message)
+
+        publisher._hand_over = hand_over  # type: ignore[method-assign]
+        publisher.start()
+        try:
+            assert wait_until(lambda: publisher.connected and not publisher.queued)
+            assert wait_until(lambda: not publisher._pending)
+            callers.clear()
+            topic = publisher.topic("events")
+            for n in range(20):
+                publisher.publish(topic, b'{"n":%d}' % n, qos=1, keep=True)
+                assert wait_until(lambda: not publisher._pending)
+            assert callers == [threading.current_thread().name] * 20
+
+            callers.clear()
+            held = threading.Event()
+            release = threading.Event()
+
+            def hold() -> None:
+                with publisher._send_lock:
+                    held.set()
+                    release.wait(5)
+
+            holder = threading.Thread(target=hold)
+            holder.start()
+            assert held.wait(5)
+            started = time.monotonic()
+            publisher.publish(topic, b'{"n":20}', qos=1, keep=True)
+            waited = time.monotonic() - started
+            queued = publisher.queued
+            release.set()
+            holder.join(5)
+            arrived = sub.wait_for(lambda: len(sub.on("events")) >= 21, timeout=10)
+            sent_by = list(callers)  # before stop() sends ``offline``
+        finally:
+            publisher.stop()
+    assert waited < 1.0  # the holder kept the lock for up to 5 s
+    assert queued == 1
+    assert arrived
+    assert sent_by == ["mqtt-sender"]
+    assert [int(m.payload[5:-1]) for m in sub.on("events")] == list(range(21))
+
+
 def arrived_more_than(sub: Any, count: int) -> bool:
     return len(sub.on("cam", "frame", "label")) > count
 
