@@ -280,17 +280,25 @@ def naive_command(w: Workload, prefix: str) -> tuple[list[str], dict[str, str]]:
     return command, dict(os.environ)
 
 
+def naive_threads_command(w: Workload, prefix: str) -> tuple[list[str], dict[str, str]]:
+    """The naive loop with each source read on a thread of its own, as a live camera's
+    blocking reads need (the daemon's shape)."""
+    command, env = naive_command(w, prefix)
+    return [*command, "--thread-per-camera"], env
+
+
 def compare(
     w: Workload, warmup: float, window: float, defaults: bool = False, repeats: int = 1
 ) -> dict[str, list[Run]]:
     """The naive loop and the daemon on one workload, taking turns ``repeats`` times over
     ``window`` seconds in all (a burst of load from elsewhere on the machine lands on both);
-    with ``defaults`` also the daemon as installed (unchanged crops reuse their prediction).
-    Each program's runs, in order."""
+    with ``defaults`` also the daemon as installed (unchanged crops reuse their prediction)
+    and the naive loop on a thread per camera. Each program's runs, in order."""
     runs: dict[str, list[Run]] = {}
     cases = [("naive", naive_command), ("daemon", daemon_command)]
     if defaults:
         cases.append(("daemon_defaults", daemon_command))
+        cases.append(("naive_threads", naive_threads_command))
     for _ in range(repeats):
         for who, build in cases:
             prefix = f"bench/{uuid.uuid4().hex[:8]}"

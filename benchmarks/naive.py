@@ -1,7 +1,8 @@
 """The loop a user would write instead of running edge-daemon: one thread, camera after camera.
 
 Read a frame, then for each region: crop, resize, convert, quantise, invoke at batch 1, take the
-best class, build the JSON, publish with paho. No queue, no other thread than paho's own. It
+best class, build the JSON, publish with paho. No queue, no other thread than paho's own
+(``--thread-per-camera``: each source on a thread of its own, as blocking live reads need). It
 reads the model's manifest for its input range (a user knows their model) and takes the same
 interpreter threads as the daemon. A paced source (``--fps``) is read when its next frame is
 due, as a live camera delivers it; otherwise files are read as fast as they decode.
@@ -12,8 +13,10 @@ due, as a live camera delivers it; otherwise files are read as fast as they deco
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -81,6 +84,59 @@ class Model:
         return self.labels[best], float(scores[best])
 
 
+class Loop:
+    """Reads its sources in turn, and classifies and publishes each region of each frame."""
+
+    def __init__(
+        self, args: argparse.Namespace, model: Model, client: mqtt.Client, stop: dict[str, bool]
+    ) -> None:
+        self.args = args
+        self.model = model
+        self.client = client
+        self.stop = stop
+        self.rois = parse_rois(args.rois)
+        self.started = time.monotonic()
+        self.end = self.started + args.seconds
+
+    def serve(self, cams: list[tuple[int, Any]], lock: Any) -> None:
+        """Read ``cams`` (number and capture) one after another until the time is up; the
+        model and the client are used under ``lock``."""
+        fps = self.args.fps
+        numbers = [0] * len(cams)
+        while time.monotonic() < self.end and not self.stop["now"]:
+            for k, (cam, capture) in enumerate(cams):
+                if fps:
+                    delay = self.started + numbers[k] / fps - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                ok, frame = capture.read()
+                if not ok:
+                    capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
+                    ok, frame = capture.read()
+                captured = time.time()
+                number = numbers[k]
+                numbers[k] += 1
+                regions = self.rois or [("frame", (0, 0, frame.shape[1], frame.shape[0]))]
+                with lock:
+                    for name, (x, y, w, h) in regions:
+                        label, score = self.model.classify(frame[y : y + h, x : x + w])
+                        payload = {
+                            "camera": f"cam{cam}",
+                            "roi": name,
+                            "frame": number,
+                            "ts": datetime.fromtimestamp(captured, UTC).isoformat(
+                                timespec="milliseconds"
+                            ),
+                            "label": label,
+                            "score": round(score, 6),
+                        }
+                        self.client.publish(
+                            f"{self.args.prefix}/cam{cam}/{name}/label",
+                            json.dumps(payload),
+                            qos=self.args.qos,
+                        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
@@ -94,6 +150,11 @@ def main() -> None:
     parser.add_argument("--prefix", required=True)
     parser.add_argument("--qos", type=int, default=1)
     parser.add_argument("--area", action="store_true", help="shrink by area averaging")
+    parser.add_argument(
+        "--thread-per-camera",
+        action="store_true",
+        help="each source read on a thread of its own (one at a time through the model)",
+    )
     args = parser.parse_args()
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
@@ -101,38 +162,17 @@ def main() -> None:
     client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2)
     client.connect(args.host, args.port)
     client.loop_start()
-    captures = [cv2.VideoCapture(source) for source in args.source]
-    rois = parse_rois(args.rois)
-    numbers = [0] * len(captures)
-    started = time.monotonic()
-    end = started + args.seconds
-    while time.monotonic() < end and not stop["now"]:
-        for cam, capture in enumerate(captures):
-            if args.fps:
-                delay = started + numbers[cam] / args.fps - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-            ok, frame = capture.read()
-            if not ok:
-                capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
-                ok, frame = capture.read()
-            captured = time.time()
-            number = numbers[cam]
-            numbers[cam] += 1
-            regions = rois or [("frame", (0, 0, frame.shape[1], frame.shape[0]))]
-            for name, (x, y, w, h) in regions:
-                label, score = model.classify(frame[y : y + h, x : x + w])
-                payload = {
-                    "camera": f"cam{cam}",
-                    "roi": name,
-                    "frame": number,
-                    "ts": datetime.fromtimestamp(captured, UTC).isoformat(timespec="milliseconds"),
-                    "label": label,
-                    "score": round(score, 6),
-                }
-                client.publish(
-                    f"{args.prefix}/cam{cam}/{name}/label", json.dumps(payload), qos=args.qos
-                )
+    cams = [(i, cv2.VideoCapture(source)) for i, source in enumerate(args.source)]
+    loop = Loop(args, model, client, stop)
+    if args.thread_per_camera:
+        lock = threading.Lock()
+        workers = [threading.Thread(target=loop.serve, args=([c], lock)) for c in cams]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+    else:
+        loop.serve(cams, contextlib.nullcontext())
     client.disconnect()
     client.loop_stop()
 

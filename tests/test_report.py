@@ -3,7 +3,7 @@ makes it so."""
 
 from __future__ import annotations
 
-from benchmarks.report import _bounded_verdict, _decode_table, _first_label_verdict
+from benchmarks.report import _bounded_verdict, _decode_table, _first_label_verdict, _live_table
 
 STARTUP = {"python": 0.03, "naive_imports": 0.19, "settings_library": 0.23}  # +200 ms
 
@@ -37,3 +37,36 @@ def test_decode_is_shown_as_the_daemon_decodes_only_where_it_bounds_the_pipeline
     rows = [line for line in _decode_table(report) if line.startswith("| 2:")]
     assert rows == ["| 2: bound | 900/s | 700/s on 1 | 630/s | **0.90** |"]
     assert _decode_table({"workloads": {"2 balanced": [entry("not", 9000.0)]}}) == []
+
+
+def live_run(cpu: float) -> dict[str, float]:
+    return {
+        "labels_per_s": 120.0,
+        "p50_ms": 1.0,
+        "p99_ms": 2.0,
+        "cpu_percent": cpu,
+        "first_p50_ms": 1.0,
+        "last_p50_ms": 1.0,
+        "reused_share": 0.0,
+        "peak_rss_mb": 100.0,
+        "threads": 8,
+    }
+
+
+def test_live_cpu_is_also_set_against_the_naive_loop_on_a_thread_per_camera() -> None:
+    entry = {"name": "live", "naive": live_run(6.0), "daemon": live_run(7.0)}
+    entry["daemon_defaults"] = live_run(7.0)
+    entry["naive_threads"] = live_run(6.5)
+    lines = _live_table(entry)
+    assert "naive, a thread per camera" in lines[2]
+    cpu = next(line for line in lines if line.startswith("| CPU |"))
+    assert cpu == (
+        "| CPU | 6% | 7% | 7% | 6% | <= naive: MISSED; 1.08 times the naive loop on a thread "
+        "per camera |"
+    )
+    entry["daemon"] = live_run(5.9)
+    cpu = next(line for line in _live_table(entry) if line.startswith("| CPU |"))
+    assert cpu.endswith("<= naive: met |")
+    del entry["naive_threads"]
+    lines = _live_table(entry)
+    assert lines[3].count("---") == 5  # a report from before has four programs' columns
