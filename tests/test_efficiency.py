@@ -455,11 +455,20 @@ def test_kept_messages_go_to_paho_from_the_caller_and_never_wait_for_the_send_lo
         publisher.start()
         try:
             assert wait_until(lambda: publisher.connected and not publisher.queued)
-            assert wait_until(lambda: not publisher._pending)
+            # ``online`` handed over in full (the sender holds the send lock until then: a
+            # kept message meanwhile goes to the lane), and confirmed.
+            assert wait_until(
+                lambda: (
+                    publisher.sent >= 1
+                    and not publisher._pending
+                    and not publisher._send_lock.locked()
+                )
+            )
             callers.clear()
             topic = publisher.topic("events")
             for n in range(20):
                 publisher.publish(topic, b'{"n":%d}' % n, qos=1, keep=True)
+                assert not publisher.queued
                 assert wait_until(lambda: not publisher._pending)
             assert callers == [threading.current_thread().name] * 20
 
