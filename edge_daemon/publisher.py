@@ -271,10 +271,11 @@ class Publisher:
         retain: bool = False,
         keep: bool = False,
     ) -> None:
-        """Queue a message; when the queue is full the oldest one is dropped and counted.
+        """Hand a message to paho, or queue it when it cannot go at once; when the queue is
+        full the oldest one is dropped and counted.
 
-        ``keep=True`` (states, events, snapshots, replies) puts it in the lane sent first,
-        which labels never push out."""
+        ``keep=True`` (states, events, snapshots, replies): queued, it waits in the lane sent
+        first, which labels never push out."""
         qos = self.settings.mqtt.qos if qos is None else qos
         # Kept messages go at least once: a QoS 0 one put back after a broken connection
         # could land in front of the new connection's ``online``.
