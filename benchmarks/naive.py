@@ -98,7 +98,9 @@ class Loop:
         self.started = time.monotonic()
         self.end = self.started + args.seconds
 
-    def serve(self, cams: list[tuple[int, Any]], lock: Any) -> None:
+    def serve(
+        self, cams: list[tuple[int, Any]], lock: contextlib.AbstractContextManager[object]
+    ) -> None:
         """Read ``cams`` (number and capture) one after another until the time is up; the
         model and the client are used under ``lock``."""
         fps = self.args.fps

@@ -24,6 +24,7 @@ from edge_daemon.errors import CaptureError
 from edge_daemon.inference import InferenceStage
 from edge_daemon.pipeline import Daemon
 from edge_daemon.prediction import Prediction
+from edge_daemon.publisher import Publisher
 from edge_daemon.settings import CameraSettings
 from edge_daemon.threads import ThreadChoice
 from tests.helpers import (
@@ -398,20 +399,27 @@ def test_a_live_source_is_grabbed_always_and_retrieved_only_when_taken() -> None
 # --- labels cost what paho's publish costs -----------------------------------------------------
 
 
+def record_hand_overs(publisher: Publisher) -> list[str]:
+    """The names of the threads that hand ``publisher``'s messages to paho, one a message, in
+    order (from now on)."""
+    callers: list[str] = []
+    real = publisher._hand_over
+
+    def hand_over(message: Any) -> bool:
+        callers.append(threading.current_thread().name)
+        return real(message)
+
+    publisher._hand_over = hand_over  # type: ignore[method-assign]
+    return callers
+
+
 def test_labels_go_to_paho_from_the_caller_in_order_while_connected() -> None:
     prefix = unique_prefix()
     settings = settings_for(prefix, mqtt={"queue_size": 5000})  # room for the whole burst
     with subscriber(prefix) as sub:
         daemon = Daemon(settings)
         publisher = daemon.publisher
-        callers: set[str] = set()
-        real = publisher._hand_over
-
-        def hand_over(message: Any) -> bool:
-            callers.add(threading.current_thread().name)
-            return real(message)
-
-        publisher._hand_over = hand_over  # type: ignore[method-assign]
+        callers = record_hand_overs(publisher)
         publisher.start()
         try:
             assert wait_until(lambda: publisher.connected and not publisher.queued)
@@ -444,14 +452,7 @@ def test_kept_messages_go_to_paho_from_the_caller_and_never_wait_for_the_send_lo
     with subscriber(prefix) as sub:
         daemon = Daemon(settings_for(prefix))
         publisher = daemon.publisher
-        callers: list[str] = []
-        real = publisher._hand_over
-
-        def hand_over(message: Any) -> bool:
-            callers.append(threading.current_thread().name)
-            return real(message)
-
-        publisher._hand_over = hand_over  # type: ignore[method-assign]
+        callers = record_hand_overs(publisher)
         publisher.start()
         try:
             assert wait_until(lambda: publisher.connected and not publisher.queued)
