@@ -165,6 +165,10 @@ def main() -> None:
     client.connect(args.host, args.port)
     client.loop_start()
     cams = [(i, cv2.VideoCapture(source)) for i, source in enumerate(args.source)]
+    for (_, capture), source in zip(cams, args.source, strict=True):
+        if not capture.isOpened():
+            client.loop_stop()
+            parser.error(f"cannot open --source {source}: check the path or URL")
     loop = Loop(args, model, client, stop)
     if args.thread_per_camera:
         lock = threading.Lock()

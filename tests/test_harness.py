@@ -113,3 +113,24 @@ def test_each_figure_is_the_median_of_the_turns() -> None:
     assert math.isnan(run.first_label_s)  # no turn measured it
     stages = median_stages([{"decode": 1.0, "invoke_b4": 5.0}, {"decode": 3.0}, {"decode": 2.0}])
     assert stages == {"decode": 2.0, "invoke_b4": 5.0}
+
+
+@pytest.mark.parametrize("threads", [[], ["--thread-per-camera"]])
+def test_the_naive_loop_refuses_a_source_it_cannot_open_in_one_line(threads: list[str]) -> None:
+    model = ROOT / "edge_daemon" / "models" / "digits.tflite"
+    command = [sys.executable, "-m", "benchmarks.naive", "--model", str(model), "--prefix", "t/x"]
+    proc = subprocess.run(
+        [*command, "--source", "/no/such/clip.mp4", "--seconds", "2", *threads],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .endswith("cannot open --source /no/such/clip.mp4: check the path or URL")
+    )
