@@ -134,3 +134,46 @@ def test_the_naive_loop_refuses_a_source_it_cannot_open_in_one_line(threads: lis
         .splitlines()[-1]
         .endswith("cannot open --source /no/such/clip.mp4: check the path or URL")
     )
+
+
+#: Imports what each measured program imports, counting the modules of the packages named
+#: that it compiled from source (the "compile" audit event of each module without bytecode).
+_COUNT_COMPILED = """
+import sys
+ours = tuple(sys.argv[1:])
+compiled = []
+sys.addaudithook(
+    lambda event, args: compiled.append(args[1])
+    if event == "compile" and str(args[1]).startswith(ours) else None
+)
+import benchmarks.naive, edge_daemon.cli, edge_daemon.config, edge_daemon.pipeline
+print(len(compiled))
+"""
+
+
+def test_the_bench_compiles_both_programs_before_it_measures_them(tmp_path: Path) -> None:
+    # Bytecode goes to a folder of the test's own, so what the checkout holds does not count.
+    env = {**os.environ, "PYTHONPYCACHEPREFIX": str(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"}
+    packages = ("edge_daemon", "benchmarks")
+
+    def compiled_on_start() -> int:
+        proc = subprocess.run(
+            [sys.executable, "-c", _COUNT_COMPILED, *(f"{ROOT / p}{os.sep}" for p in packages)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        return int(proc.stdout.split()[-1])
+
+    assert compiled_on_start() > 20  # every start compiles them: nothing writes bytecode
+    subprocess.run(
+        [sys.executable, "-c", "from benchmarks.harness import compile_programs as c; c()"],
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+        check=True,
+    )
+    assert compiled_on_start() == 0
