@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-from benchmarks.harness import Run, median_run, median_stages
+from benchmarks.harness import Run, cpu, median_run, median_stages
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -177,3 +177,26 @@ def test_the_bench_compiles_both_programs_before_it_measures_them(tmp_path: Path
         check=True,
     )
     assert compiled_on_start() == 0
+
+
+def test_the_machine_is_named_with_its_widest_vector_instructions() -> None:
+    epyc = "processor\t: 0\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
+    flags = "flags\t\t: fpu sse2 avx avx2 {}\n"
+    assert cpu(epyc + flags.format("")) == {
+        "cpu": "AMD EPYC",
+        "cpu_id": "family 25 model 17",
+        "vector": "AVX2",
+    }
+    assert cpu(epyc + flags.format("avx512f avx512bw"))["vector"] == "AVX-512"
+    assert cpu(epyc + flags.format("avx512f avx512_vnni"))["vector"] == "AVX-512 VNNI"
+    # The second processor's lines do not count.
+    assert cpu(epyc + flags.format("") + "processor\t: 1\nflags\t\t: avx512f\n")["vector"] == "AVX2"
+    pi = (
+        "processor\t: 0\nFeatures\t: fp asimd evtstrm crc32 cpuid\nCPU implementer\t: 0x41\n"
+        "CPU part\t: 0xd08\n\nModel\t\t: Raspberry Pi 4 Model B Rev 1.4\n"
+    )
+    assert cpu(pi) == {
+        "cpu": "Raspberry Pi 4 Model B Rev 1.4",
+        "cpu_id": "implementer 0x41 part 0xd08",
+        "vector": "NEON",
+    }
