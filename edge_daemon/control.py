@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import ctypes.util
 import functools
 import json
 import logging
@@ -220,11 +219,8 @@ COMMAND_LIMITS: Mapping[str, tuple[float, int]] = {
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim``, looked up once; None where there is no glibc."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
     try:
-        trim = ctypes.CDLL(name).malloc_trim
+        trim = ctypes.CDLL(None).malloc_trim  # the C library this process has loaded
     except (OSError, AttributeError):
         return None
     trim.argtypes = [ctypes.c_size_t]

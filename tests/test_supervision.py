@@ -18,10 +18,12 @@ import pytest
 
 from edge_daemon import engine as engine_module
 from edge_daemon import preprocess
+from edge_daemon.control import release_memory
 from edge_daemon.errors import DelegateError
 from edge_daemon.inference import ReloadError
 from edge_daemon.pipeline import Daemon, StageError
 from edge_daemon.settings import BUNDLED_MODEL, CameraSettings, sample_camera
+from edge_daemon.stage import StageThread
 from tests.helpers import running, settings_for, subscriber, unique_prefix, wait_until
 
 pytestmark = pytest.mark.runtime
@@ -217,3 +219,19 @@ def test_a_batch_stuck_on_a_camera_thread_stops_feeding_the_watchdog() -> None:
         finally:
             release.set()
         assert wait_until(lambda: daemon.inference.last_progress > before, timeout=5)
+
+
+def test_a_stage_thread_is_named_in_the_operating_system_and_memory_can_be_handed_back() -> None:
+    """``top -H`` shows which stage spends the CPU (the first 15 bytes of its name), and
+    glibc's ``malloc_trim`` is found, both from the C library the process has loaded."""
+    seen: dict[str, str] = {}
+
+    def loop() -> None:
+        task = Path(f"/proc/self/task/{threading.get_native_id()}/comm")
+        seen["comm"] = task.read_text().strip()
+
+    thread = StageThread("camera-front-garden", loop)
+    thread.start()
+    thread.join(5)
+    assert seen == {"comm": "camera-front-ga"}
+    assert release_memory() is True
