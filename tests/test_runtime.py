@@ -333,3 +333,42 @@ def test_a_model_shrinks_crops_as_its_manifest_says_it_was_trained(
     (tmp_path / "small.json").write_text(json.dumps(broken))
     with pytest.raises(ModelError, match=r"not valid at input\.resize: Input should be 'area'"):
         Engine.from_path(tmp_path / "small.tflite")
+
+
+_FAKE_RUNTIME = """
+import atexit, os, pathlib, signal
+
+class Interpreter:
+    def __init__(self, model_content):
+        if os.environ.get("FAKE_RUNTIME_CRASH"):
+            os.kill(os.getpid(), signal.SIGSEGV)  # as tflite-runtime 2.14 on some files
+        atexit.register(pathlib.Path(os.environ["FAKE_RUNTIME_TORN_DOWN"]).touch)
+
+    def allocate_tensors(self):
+        pass
+"""
+
+
+@pytest.mark.parametrize("crash", [False, True])
+def test_the_model_check_child_catches_a_crash_and_skips_teardown_after_a_load(
+    crash: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check loads the model in a child: a runtime that crashes there is a clear
+    ModelError, not a dead daemon; one that loads is left at once (no interpreter teardown,
+    which the daemon's first label would wait for)."""
+    (tmp_path / "fake_runtime.py").write_text(_FAKE_RUNTIME)
+    torn_down = tmp_path / "torn-down"
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("FAKE_RUNTIME_TORN_DOWN", str(torn_down))
+    if crash:
+        monkeypatch.setenv("FAKE_RUNTIME_CRASH", "1")
+    monkeypatch.setitem(runtime_module._MODULES, "fake", "fake_runtime")
+    monkeypatch.setattr(runtime_module, "_waiting", [])  # a child of its own, with this env
+    fake = runtime_module.Runtime("fake", object, object)
+    model = tmp_path / "m.tflite"
+    if crash:
+        with pytest.raises(ModelError, match=r"crashed loading .*m\.tflite \(signal 11\)"):
+            runtime_module._probe_load(model, fake, b"model bytes")
+    else:
+        runtime_module._probe_load(model, fake, b"model bytes")
+    assert not torn_down.exists()
